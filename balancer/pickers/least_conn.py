@@ -1,0 +1,21 @@
+"""Least connections by power of two choices on outstanding requests (Envoy LEAST_REQUEST)."""
+
+from __future__ import annotations
+
+from modelyard.balancer.endpoint import Endpoint, Snapshot
+from modelyard.balancer.pickers.base import BasePicker
+from modelyard.balancer.pickers.p2c import pick_two
+
+
+def _cost(e: Endpoint) -> float:
+    # weights scale capacity: twice the weight takes twice the outstanding requests
+    return (e.outstanding + 1) / e.effective_weight if e.effective_weight > 0 else float("inf")
+
+
+class LeastConn(BasePicker):
+    """P2C on ``(outstanding + 1) / effective_weight``."""
+
+    name = "least_conn"
+
+    def pick(self, snapshot: Snapshot, exclude: Endpoint | None = None) -> Endpoint:
+        return pick_two(self.candidates(snapshot, exclude), self.rng, _cost)

@@ -1,0 +1,261 @@
+"""A pool: endpoints from every discovery source, their health / drain / ejection state,
+a picker, and the immutable :class:`Snapshot` the picker chooses from.
+
+State changes (membership, health, drain, ejection, slow-start steps) rebuild the
+snapshot; picking only reads ``pool.snapshot``. Endpoints removed while requests
+are in flight keep their connections until those requests finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from modelyard.balancer.clock import MONOTONIC, Clock
+from modelyard.balancer.config import PoolConfig
+from modelyard.balancer.endpoint import Endpoint, Health, Outcome, Snapshot
+from modelyard.balancer.metrics import Stats
+from modelyard.balancer.outlier import OutlierDetector
+from modelyard.balancer.pickers import PICKERS
+from modelyard.balancer.retry import RetryBudget
+
+#: makes the per-endpoint connection object; None = no data-plane connections (control process)
+UpstreamFactory = Callable[[str], Any]
+
+
+class Pool:
+    """Endpoint membership + state for one pool, and the data-plane counters that guard it."""
+
+    def __init__(
+        self,
+        name: str,
+        config: PoolConfig,
+        *,
+        clock: Clock = MONOTONIC,
+        rng: random.Random | None = None,
+        stats: Stats | None = None,
+        upstream_factory: UpstreamFactory | None = None,
+        on_change: Callable[[Pool], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.clock = clock
+        self.rng = rng if rng is not None else random.Random()
+        self.stats = stats if stats is not None else Stats()
+        self.picker = PICKERS[config.picker](clock=clock, rng=self.rng, **config.picker_options)
+        self.outlier = OutlierDetector(config.outlier_detection)
+        self.budget = RetryBudget(config.retry, clock)
+        self.upstream_factory = upstream_factory
+        self.on_change = on_change
+        #: address -> endpoint
+        self.endpoints: dict[str, Endpoint] = {}
+        #: source -> {address: weight}; an endpoint exists while any source lists it
+        self._sources: dict[str, dict[str, float]] = {}
+        self._retired: list[Endpoint] = []
+        self.snapshot = Snapshot(name, ())
+        self._version = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = False
+        #: in-flight counters for circuit breaking
+        self.active = 0
+        self.pending = 0
+        self.active_retries = 0
+        self.checked_services: list[str] = []
+
+    # ------------------------------------------------------------------ membership
+
+    def set_source(self, source: str, endpoints: Iterable[tuple[str, float]]) -> None:
+        """Replace everything ``source`` says about this pool (static, file, dns, kubernetes, admin)."""
+        self._sources[source] = dict(endpoints)
+        self._reconcile()
+
+    def add(self, address: str, weight: float = 1.0, source: str = "admin") -> None:
+        self._sources.setdefault(source, {})[address] = weight
+        self._reconcile()
+
+    def remove(self, address: str) -> bool:
+        """Remove ``address`` from every source; False when it was not there."""
+        found = False
+        for eps in self._sources.values():
+            found = eps.pop(address, None) is not None or found
+        self._reconcile()
+        return found
+
+    def _reconcile(self) -> None:
+        wanted: dict[str, tuple[float, str]] = {}
+        for source, eps in self._sources.items():
+            for addr, w in eps.items():
+                wanted.setdefault(addr, (w, source))
+        now = self.clock.now()
+        for addr in list(self.endpoints):
+            if addr not in wanted:
+                self._retire(self.endpoints.pop(addr))
+        for addr, (w, source) in wanted.items():
+            ep = self.endpoints.get(addr)
+            if ep is None:
+                # endpoints known at start are not slow-started; later ones are
+                ep = Endpoint(addr, weight=w, source=source, added_at=now if self._started else float("-inf"))
+                if self.upstream_factory is not None:
+                    ep.extra["upstream"] = self.upstream_factory(addr)
+                self.endpoints[addr] = ep
+            else:
+                ep.weight = w
+        self.rebuild()
+
+    def _retire(self, ep: Endpoint) -> None:
+        ep.draining = True
+        if ep.outstanding == 0:
+            self._close(ep)
+        else:
+            self._retired.append(ep)
+
+    def _close(self, ep: Endpoint) -> None:
+        up = ep.extra.pop("upstream", None)
+        if up is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            loop.create_task(up.close(1.0))
+
+    def start(self) -> None:
+        """Mark initial membership done: endpoints added from now on are slow-started."""
+        self._started = True
+
+    # ------------------------------------------------------------------ state
+
+    def set_health(self, address: str, health: Health) -> None:
+        ep = self.endpoints.get(address)
+        if ep is not None and ep.health is not health:
+            ep.health = health
+            self.rebuild()
+
+    def set_draining(self, address: str, draining: bool) -> bool:
+        ep = self.endpoints.get(address)
+        if ep is None:
+            return False
+        if ep.draining != draining:
+            ep.draining = draining
+            self.rebuild()
+        return True
+
+    def routable(self, ep: Endpoint, now: float) -> bool:
+        return not ep.draining and ep.health is not Health.UNHEALTHY and not ep.is_ejected(now)
+
+    def rebuild(self) -> None:
+        """Recompute the snapshot (health, drain, ejection, panic, slow-start weights)."""
+        now = self.clock.now()
+        candidates = [e for e in self.endpoints.values() if not e.draining]
+        routable = [e for e in candidates if self.routable(e, now)]
+        panic = bool(candidates) and len(routable) * 100.0 < self.config.panic_threshold * len(candidates)
+        chosen = candidates if panic else routable
+        ss = self.config.slow_start
+        next_step: float | None = None
+        for e in chosen:
+            e.effective_weight = e.weight
+            if ss.window > 0:
+                age = now - e.added_at
+                if age < ss.window:
+                    frac = max(age, 0.0) / ss.window
+                    factor = max(ss.min_weight_percent / 100.0, frac ** (1.0 / ss.aggression))
+                    e.effective_weight = e.weight * factor
+                    next_step = ss.window / 10.0
+        self._version += 1
+        self.snapshot = Snapshot(self.name, tuple(chosen), panic=panic, version=self._version)
+        if panic:
+            self.stats.count(self.name, "panic_snapshots")
+        uneject = self.outlier.next_unejection(tuple(self.endpoints.values()), now)
+        if uneject is not None:
+            delay = uneject - now + 1e-3
+            next_step = delay if next_step is None else min(next_step, delay)
+        self._schedule(next_step)
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _schedule(self, delay: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if delay is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timer = loop.call_later(delay, self.rebuild)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def record(self, ep: Endpoint, outcome: Outcome, latency: float, code: str) -> None:
+        """Account one finished attempt: counters, picker feedback, outlier detection."""
+        self.stats.requests[(self.name, ep.address, code)] += 1
+        ep.requests += 1
+        if outcome is Outcome.FAILURE:
+            ep.failures += 1
+        self.picker.on_done(ep, outcome, latency)
+        if self.outlier.record(ep, outcome, self.clock.now(), tuple(self.endpoints.values())):
+            self.stats.count(self.name, "ejections")
+            self.rebuild()
+        if ep.draining and ep.outstanding == 0 and ep in self._retired:
+            self._retired.remove(ep)
+            self._close(ep)
+
+    # ------------------------------------------------------------------ views
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Rows for ``/endpoints``."""
+        now = self.clock.now()
+        in_snap = set(map(id, self.snapshot.endpoints))
+        rows = []
+        for e in self.endpoints.values():
+            load = e.load
+            rows.append({
+                "pool": self.name,
+                "address": e.address,
+                "source": e.source,
+                "weight": e.weight,
+                "effective_weight": round(e.effective_weight, 4),
+                "health": e.health.value,
+                "draining": e.draining,
+                "ejected": e.is_ejected(now),
+                "ejected_for_s": round(max(0.0, e.ejected_until - now), 3),
+                "times_ejected": e.times_ejected,
+                "outstanding": e.outstanding,
+                "requests": e.requests,
+                "failures": e.failures,
+                "consecutive_failures": e.consecutive_failures,
+                "ewma_ms": round(load.estimate(now) * 1e3, 3) if hasattr(load, "estimate") else None,
+                "routable": id(e) in in_snap,
+                "panic": self.snapshot.panic,
+            })
+        return rows
+
+    def control_state(self) -> list[dict[str, Any]]:
+        """Membership + health + drain, shipped from the control process to workers."""
+        return [{"address": e.address, "weight": e.weight, "source": e.source,
+                 "health": e.health.value, "draining": e.draining} for e in self.endpoints.values()]
+
+    def apply_control_state(self, rows: list[dict[str, Any]]) -> None:
+        """Worker side of :meth:`control_state`: adopt membership, health and drain."""
+        self._sources = {"control": {r["address"]: r["weight"] for r in rows}}
+        self._reconcile()
+        changed = False
+        for r in rows:
+            ep = self.endpoints.get(r["address"])
+            if ep is None:
+                continue
+            h = Health(r["health"])
+            if ep.health is not h or ep.draining != r["draining"]:
+                ep.health, ep.draining, changed = h, r["draining"], True
+        if changed:
+            self.rebuild()
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for e in [*self.endpoints.values(), *self._retired]:
+            up = e.extra.pop("upstream", None)
+            if up is not None:
+                await up.close(None)

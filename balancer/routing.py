@@ -1,0 +1,150 @@
+"""Routes: (service, method, model name) -> pool, or a weighted split of pools.
+
+The model name of ModelInfer / ModelStreamInfer is peeked from field 1 of the
+serialized request (a length-delimited string) by walking the top-level wire
+format only as far as needed — no protobuf parse.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+from collections.abc import Callable
+
+from modelyard.balancer.config import RouteConfig
+
+#: methods whose first request message starts with the model name in field 1
+MODEL_METHODS = frozenset({
+    "/inference.GRPCInferenceService/ModelInfer",
+    "/inference.GRPCInferenceService/ModelStreamInfer",
+    "/inference.GRPCInferenceService/ModelReady",
+    "/inference.GRPCInferenceService/ModelMetadata",
+    "/inference.GRPCInferenceService/ModelConfig",
+    "/inference.GRPCInferenceService/ModelStatistics",
+})
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+
+
+def peek_model_name(buf: bytes) -> str | None:
+    """Field 1 (length-delimited) of a serialized message, decoded as UTF-8; None if absent or malformed."""
+    # fast path: serializers write field 1 first, so the tag is 0x0a and a one-byte length follows
+    if len(buf) >= 2 and buf[0] == 0x0A and buf[1] < 0x80:
+        end = 2 + buf[1]
+        if end <= len(buf):
+            try:
+                return buf[2:end].decode()
+            except UnicodeDecodeError:
+                return None
+    i, n = 0, len(buf)
+    try:
+        while i < n:
+            key, i = _varint(buf, i)
+            field_no, wire = key >> 3, key & 7
+            if wire == 0:
+                _, i = _varint(buf, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            elif wire == 2:
+                length, i = _varint(buf, i)
+                if field_no == 1:
+                    if i + length > n:
+                        return None
+                    return buf[i:i + length].decode()
+                i += length
+            else:
+                return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
+    _, service, name = (method.split("/", 2) + ["", ""])[:3]
+    return service, name
+
+
+class _Route:
+    __slots__ = ("cfg", "pools", "weights")
+
+    def __init__(self, cfg: RouteConfig) -> None:
+        self.cfg = cfg
+        if cfg.split:
+            self.pools = [a.pool for a in cfg.split]
+            self.weights = [a.weight for a in cfg.split]
+        else:
+            assert cfg.pool is not None
+            self.pools = [cfg.pool]
+            self.weights = [1.0]
+
+    def matches(self, service: str, method: str, model: str | None) -> bool:
+        m = self.cfg.match
+        if m.service and not fnmatch.fnmatchcase(service, m.service):
+            return False
+        if m.method and not fnmatch.fnmatchcase(method, m.method):
+            return False
+        return not (m.model and (model is None or not fnmatch.fnmatchcase(model, m.model)))
+
+
+#: given the first request message (or None), the pool name to use
+Resolver = Callable[[bytes | None], str | None]
+
+
+class Router:
+    """Compiles routes into a per-method resolver; unmatched requests resolve to None."""
+
+    def __init__(self, routes: list[RouteConfig], rng: random.Random | None = None) -> None:
+        self.routes = [_Route(r) for r in routes]
+        self.rng = rng if rng is not None else random.Random()
+        self._cache: dict[str, tuple[bool, Resolver]] = {}
+
+    def _choose(self, route: _Route) -> str:
+        if len(route.pools) == 1:
+            return route.pools[0]
+        return self.rng.choices(route.pools, weights=route.weights)[0]
+
+    def resolver(self, method: str) -> tuple[bool, Resolver]:
+        """(needs_model, resolve) for ``method``; cached. ``needs_model`` = resolve wants the first message."""
+        hit = self._cache.get(method)
+        if hit is not None:
+            return hit
+        service, name = split_method(method)
+        candidates = [r for r in self.routes if r.matches(service, name, None) or r.cfg.match.model]
+        needs_model = method in MODEL_METHODS and any(r.cfg.match.model for r in candidates)
+        if not needs_model:
+            fixed = next((r for r in self.routes if r.matches(service, name, None)), None)
+
+            def resolve(_msg: bytes | None, fixed: _Route | None = fixed) -> str | None:
+                return None if fixed is None else self._choose(fixed)
+        else:
+            def resolve(msg: bytes | None) -> str | None:
+                model = peek_model_name(msg) if msg is not None else None
+                for r in candidates:
+                    if r.matches(service, name, model):
+                        return self._choose(r)
+                return None
+        self._cache[method] = (needs_model, resolve)
+        return needs_model, resolve
+
+    def models_for_pool(self, pool: str) -> list[str]:
+        """Exact model names routed to ``pool`` (for per-model health checks); globs are skipped."""
+        out = []
+        for r in self.routes:
+            model = r.cfg.match.model
+            if model and pool in r.pools and not any(c in model for c in "*?["):
+                out.append(model)
+        return out

@@ -1,0 +1,185 @@
+"""numpy <-> Open Inference Protocol tensors, shared by the server and the clients.
+
+Datatype names are the protocol's (``FP32``, ``BYTES``...). Raw contents are
+little-endian, row-major; a BYTES tensor in raw form is a sequence of elements,
+each a 4-byte little-endian length followed by that many bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from modelyard.protos import grpc_service_pb2 as pb
+
+#: protocol datatype -> numpy dtype (little-endian). BYTES maps to object arrays of ``bytes``.
+DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+#: which typed-contents field carries each datatype
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+#: config.yaml / Triton ``TYPE_*`` names -> protocol names
+CONFIG_TYPES: dict[str, str] = {f"TYPE_{k}": k for k in DTYPES} | {"TYPE_STRING": "BYTES"}
+
+_U32 = struct.Struct("<I")
+
+
+class TensorError(ValueError):
+    """A tensor that cannot be decoded; the message names the tensor and the problem."""
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The protocol datatype name for a numpy array."""
+    kind = array.dtype
+    if kind == object or kind.kind in ("S", "U"):
+        return "BYTES"
+    for name, dt in DTYPES.items():
+        if name != "BYTES" and dt == kind.newbyteorder("<"):
+            return name
+    raise TensorError(f"numpy dtype {kind} has no Open Inference Protocol datatype")
+
+
+def element_count(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """Encode a BYTES tensor as 4-byte little-endian length-prefixed elements."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(_U32.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes(raw: bytes | memoryview, count: int | None = None, name: str = "") -> list[bytes]:
+    """Decode length-prefixed BYTES elements; raises TensorError naming ``name`` on malformed input."""
+    view = memoryview(raw)
+    out: list[bytes] = []
+    pos, end = 0, len(view)
+    while pos < end:
+        if pos + 4 > end:
+            raise TensorError(f"input '{name}': BYTES element {len(out)} has a truncated 4-byte length prefix")
+        (n,) = _U32.unpack_from(view, pos)
+        pos += 4
+        if pos + n > end:
+            raise TensorError(
+                f"input '{name}': BYTES element {len(out)} declares {n} bytes but only {end - pos} remain"
+            )
+        out.append(bytes(view[pos : pos + n]))
+        pos += n
+    if count is not None and len(out) != count:
+        raise TensorError(f"input '{name}': expected {count} BYTES elements for its shape, got {len(out)}")
+    return out
+
+
+def to_raw(array: np.ndarray) -> bytes:
+    """The raw little-endian bytes of ``array`` in protocol layout."""
+    if datatype_of(array) == "BYTES":
+        return serialize_bytes(array)
+    arr = np.ascontiguousarray(array)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return arr.tobytes()
+
+
+def from_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:
+    """Decode raw contents into a numpy array of ``shape``; checks the byte size exactly."""
+    dt = DTYPES.get(datatype)
+    if dt is None:
+        raise TensorError(f"input '{name}': unknown datatype '{datatype}'")
+    if any(int(d) < 0 for d in shape):
+        raise TensorError(f"input '{name}': shape {list(shape)} has a negative dimension")
+    count = element_count(shape)
+    if datatype == "BYTES":
+        items = deserialize_bytes(raw, count, name)
+        arr = np.empty(count, dtype=object)
+        arr[:] = items
+        return arr.reshape(tuple(shape))
+    expected = count * dt.itemsize
+    if len(raw) != expected:
+        raise TensorError(
+            f"input '{name}': {datatype} shape {list(shape)} needs {expected} bytes, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dt).reshape(tuple(shape))
+
+
+def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:
+    """Decode typed ``InferTensorContents`` (what grpcurl/JSON users send)."""
+    if datatype == "FP16":
+        raise TensorError(f"input '{name}': FP16 has no typed contents field; send raw_input_contents")
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise TensorError(f"input '{name}': unknown datatype '{datatype}'")
+    values = getattr(contents, field)
+    count = element_count(shape)
+    if len(values) != count:
+        raise TensorError(
+            f"input '{name}': shape {list(shape)} needs {count} elements in {field}, got {len(values)}"
+        )
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+        return arr.reshape(tuple(shape))
+    dt = DTYPES[datatype]
+    try:
+        return np.asarray(values, dtype=dt).reshape(tuple(shape))
+    except (OverflowError, ValueError) as exc:
+        raise TensorError(f"input '{name}': values do not fit {datatype}: {exc}") from None
+
+
+def fill_contents(contents: pb.InferTensorContents, array: np.ndarray) -> None:
+    """Write ``array`` into typed contents (used by clients that prefer JSON-friendly requests)."""
+    datatype = datatype_of(array)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise TensorError(f"{datatype} cannot be sent as typed contents; use raw contents")
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        getattr(contents, field).extend(
+            x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in flat
+        )
+    else:
+        getattr(contents, field).extend(flat.tolist())
+
+
+def as_bytes_array(values: Iterable[str | bytes], shape: Sequence[int] | None = None) -> np.ndarray:
+    """Build a BYTES (object) array from strings or bytes."""
+    items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr.reshape(tuple(shape)) if shape is not None else arr

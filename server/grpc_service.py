@@ -1,0 +1,225 @@
+"""Thin grpc.aio servicer for ``inference.GRPCInferenceService``.
+
+Every method translates protobuf to plain objects, calls the repository/model,
+and translates back. Errors are mapped to status codes in one place, :func:`rpc`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from modelyard import __version__
+from modelyard.protos import grpc_service_pb2 as pb
+from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
+from modelyard.server.codec import decode_request, encode_response
+from modelyard.server.config import ANY, to_proto
+from modelyard.server.errors import ModelyardError, Unsupported, as_modelyard_error
+from modelyard.server.model import READY, ModelVersion
+from modelyard.server.repository import ModelRepository
+
+log = logging.getLogger("modelyard.server")
+
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "binary_tensor_data"]
+
+T = TypeVar("T")
+
+
+def rpc(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map exceptions to gRPC status codes; never a traceback to the client."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except ModelyardError as exc:
+            await context.abort(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("%s failed", fn.__name__)
+            err = as_modelyard_error(exc)
+            await context.abort(err.code, err.message)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _stats_message(mv: ModelVersion) -> pb.ModelStatistics:
+    s = mv.stats
+    msg = pb.ModelStatistics(
+        name=mv.name,
+        version=mv.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+    )
+    st = msg.inference_stats
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss"):
+        d = getattr(s, field)
+        getattr(st, field).count = d.count
+        getattr(st, field).ns = d.ns
+    for size in sorted(s.batches):
+        b = s.batches[size]
+        bm = msg.batch_stats.add(batch_size=size)
+        for field in ("compute_input", "compute_infer", "compute_output"):
+            getattr(bm, field).count = getattr(b, field).count
+            getattr(bm, field).ns = getattr(b, field).ns
+    return msg
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 / Triton gRPC API over a :class:`ModelRepository`."""
+
+    def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool]) -> None:
+        self.repo = repository
+        self._is_ready = is_ready
+
+    # --------------------------------------------------------------- health
+    @rpc
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._is_ready())
+
+    @rpc
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.repo.is_ready(request.name, request.version))
+
+    # --------------------------------------------------------------- metadata
+    @rpc
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="modelyard", version=__version__, extensions=EXTENSIONS)
+
+    @rpc
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        mv = self.repo.get(request.name, request.version)
+        cfg = mv.config
+        batch = [-1] if cfg.max_batch_size > 0 else []
+        msg = pb.ModelMetadataResponse(
+            name=cfg.name,
+            versions=sorted(self.repo.versions(cfg.name), key=int),
+            platform=cfg.platform or cfg.backend,
+        )
+        for spec in cfg.inputs:
+            msg.inputs.add(name=spec.name, datatype=spec.datatype if spec.datatype != ANY else "ANY",
+                           shape=batch + (spec.dims if spec.dims is not None else [-1]))
+        for spec in cfg.outputs:
+            msg.outputs.add(name=spec.name, datatype=spec.datatype if spec.datatype != ANY else "ANY",
+                            shape=batch + (spec.dims if spec.dims is not None else [-1]))
+        return msg
+
+    @rpc
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        mv = self.repo.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=to_proto(mv.config))
+
+    @rpc
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        resp = pb.ModelStatisticsResponse()
+        if request.name:
+            if request.version:
+                resp.model_stats.append(_stats_message(self.repo.get(request.name, request.version)))
+            else:
+                for v, mv in sorted(self.repo.versions(request.name).items(), key=lambda kv: int(kv[0])):
+                    resp.model_stats.append(_stats_message(mv))
+        else:
+            for name in sorted(self.repo.models):
+                for v, mv in sorted(self.repo.models[name].items(), key=lambda kv: int(kv[0])):
+                    resp.model_stats.append(_stats_message(mv))
+        return resp
+
+    # --------------------------------------------------------------- repository
+    @rpc
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        resp = pb.RepositoryIndexResponse()
+        for e in self.repo.index(ready_only=request.ready):
+            resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+        return resp
+
+    @rpc
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            raise Unsupported(f"RepositoryModelLoad parameters are not supported: {sorted(request.parameters)}")
+        await self.repo.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+        await self.repo.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # --------------------------------------------------------------- inference
+    @rpc
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        mv = self.repo.get(request.model_name, request.model_version)
+        req = decode_request(request, context.time_remaining())
+        resp = await mv.infer(req)
+        return encode_response(resp, mv.config)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Bidirectional stream: requests are handled concurrently; errors come back in-band
+        (``error_message``) and the stream carries on, as Triton does."""
+        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        handlers: set[asyncio.Task[None]] = set()
+
+        async def handle(msg: pb.ModelInferRequest) -> None:
+            try:
+                mv = self.repo.get(msg.model_name, msg.model_version)
+                req = decode_request(msg, context.time_remaining())
+                async for resp in mv.stream(req):
+                    await out.put(pb.ModelStreamInferResponse(
+                        infer_response=encode_response(resp, mv.config, decoupled=mv.config.decoupled)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                err = as_modelyard_error(exc)
+                if not isinstance(exc, ModelyardError):
+                    log.exception("stream request failed")
+                await out.put(pb.ModelStreamInferResponse(
+                    error_message=f"{err.code.name}: {err.message}",
+                    infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id),
+                ))
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    task = asyncio.create_task(handle(msg))
+                    handlers.add(task)
+                    task.add_done_callback(handlers.discard)
+                while handlers:
+                    await asyncio.gather(*list(handlers), return_exceptions=True)
+            finally:
+                await out.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(handlers):
+                task.cancel()
+
+    # --------------------------------------------------------------- not implemented
+    async def _unsupported(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "shared memory, tracing and log settings are not supported by modelyard")
+
+    SystemSharedMemoryStatus = SystemSharedMemoryRegister = SystemSharedMemoryUnregister = _unsupported
+    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _unsupported
+    TraceSetting = LogSettings = _unsupported
+
+
+__all__ = ["READY", "InferenceServicer"]

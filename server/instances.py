@@ -1,0 +1,121 @@
+"""Model instances: a runtime plus the worker thread that runs it.
+
+The event loop hands batches to an instance's own single thread and awaits the
+result; it never runs model code itself. torch releases the GIL inside kernels,
+so instances in threads compute in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from modelyard.server.errors import as_modelyard_error
+from modelyard.server.runtimes.base import Result, Runtime
+from modelyard.server.types import InferRequest, InferResponse
+
+_END = object()
+
+
+class Instance:
+    """One runtime on one device, executing in its own thread."""
+
+    def __init__(self, name: str, runtime: Runtime, on_busy: Callable[[float], None] | None = None) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modelyard-{name}")
+        self._on_busy = on_busy
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` in this instance's thread."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _execute(self, requests: list[InferRequest]) -> tuple[list[Result], int]:
+        t0 = time.perf_counter_ns()
+        try:
+            results = self.runtime.execute(requests)
+        except BaseException as exc:  # the whole batch failed; the process goes on
+            results = [as_modelyard_error(exc)] * len(requests)
+        elapsed = time.perf_counter_ns() - t0
+        if self._on_busy is not None:
+            self._on_busy(elapsed / 1e9)
+        return results, elapsed
+
+    async def execute(self, requests: list[InferRequest]) -> tuple[list[Result], int]:
+        """Results per request and the compute time in ns."""
+        return await self.call(self._execute, requests)
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        """Run a decoupled model's ``stream`` in this instance's thread, yielding responses as they come.
+
+        Closing the iterator (client cancelled) sets the flag the model polls.
+        """
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for resp in self.runtime.stream(request, stop.is_set):
+                    loop.call_soon_threadsafe(out.put_nowait, resp)
+                    if stop.is_set():
+                        break
+            except BaseException as exc:
+                loop.call_soon_threadsafe(out.put_nowait, as_modelyard_error(exc))
+            finally:
+                loop.call_soon_threadsafe(out.put_nowait, _END)
+
+        fut = loop.run_in_executor(self.executor, produce)
+        try:
+            while True:
+                item = await out.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            await asyncio.shield(fut)
+
+    def close(self) -> None:
+        try:
+            self.runtime.unload()
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class InstancePool:
+    """Idle instances; a request (or batch) takes one, runs, and gives it back."""
+
+    def __init__(self, instances: list[Instance]) -> None:
+        self.instances = instances
+        self._free: asyncio.Queue[Instance] = asyncio.Queue()
+        for inst in instances:
+            self._free.put_nowait(inst)
+
+    async def acquire(self, timeout: float | None = None) -> Instance:
+        if timeout is None:
+            return await self._free.get()
+        return await asyncio.wait_for(self._free.get(), timeout)
+
+    def try_acquire(self) -> Instance | None:
+        try:
+            return self._free.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def release(self, inst: Instance) -> None:
+        self._free.put_nowait(inst)
+
+    def idle_count(self) -> int:
+        return self._free.qsize()
+
+    def close(self) -> None:
+        for inst in self.instances:
+            inst.close()
+

@@ -1,0 +1,233 @@
+"""``modelyard serve``: the server's lifecycle, top to bottom.
+
+serve -> startup (load models, open gRPC + HTTP) -> wait for a signal -> shutdown
+(health NOT_SERVING, stop accepting, finish in-flight within the grace period,
+unload models). Signal handlers only set an event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from modelyard.protos import grpc_service_pb2 as pb
+from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
+from modelyard.protos._pool import POOL
+from modelyard.server.demo_models import DEMO_REPOSITORY
+from modelyard.server.grpc_service import InferenceServicer
+from modelyard.server.http_app import build_app
+from modelyard.server.metrics import ServerMetrics
+from modelyard.server.repository import ModelRepository
+
+log = logging.getLogger("modelyard.server")
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+MiB = 1024 * 1024
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """Everything ``modelyard serve`` can be told; defaults are the documented ones."""
+
+    model_repository: Path = DEMO_REPOSITORY
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    #: models to load at start (None = every model in the repository)
+    models: list[str] | None = None
+    max_message_bytes: int = 64 * MiB
+    grace_seconds: float = 30.0
+    exit_on_error: bool = True
+    grpc_options: list[tuple[str, Any]] = field(default_factory=list)
+
+
+class _Pools:
+    """Reflection over modelyard's private descriptor pool first, then protobuf's default one
+    (health, reflection itself)."""
+
+    def __init__(self, *pools: descriptor_pool.DescriptorPool) -> None:
+        self._pools = pools
+
+    def _first(self, method: str, *args: Any) -> Any:
+        for p in self._pools:
+            try:
+                return getattr(p, method)(*args)
+            except KeyError:
+                continue
+        raise KeyError(args[0] if args else method)
+
+    def FindFileByName(self, name: str) -> Any:
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name: str) -> Any:
+        return self._first("FindMessageTypeByName", name)
+
+    def FindExtensionByNumber(self, message: Any, number: int) -> Any:
+        return self._first("FindExtensionByNumber", message, number)
+
+    def FindAllExtensions(self, message: Any) -> Any:
+        return self._first("FindAllExtensions", message)
+
+
+class ModelServer:
+    """The gRPC + HTTP model server around one repository."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.repository = ModelRepository(settings.model_repository, self.metrics, unload_grace=settings.grace_seconds)
+        self.health = health.aio.HealthServicer()
+        self.started = False
+        self.shutting_down = False
+        self._stop = asyncio.Event()
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self.grpc_port = settings.grpc_port
+        self.http_port = settings.http_port
+
+    # ------------------------------------------------------------------ readiness
+    def is_ready(self) -> bool:
+        return self.started and not self.shutting_down and self.repository.all_ready()
+
+    def _sync_health(self, model: str | None = None) -> None:
+        """Health service "" follows server readiness, "<model>" that model's readiness."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        names = [model] if model else list(self.repository.models) + list(self.repository.failed)
+        for name in names:
+            ok = not self.shutting_down and self.repository.is_ready(name)
+            asyncio.ensure_future(self.health.set(name, serving if ok else not_serving))
+        asyncio.ensure_future(self.health.set("", serving if self.is_ready() else not_serving))
+
+    # ------------------------------------------------------------------ lifecycle
+    async def startup(self) -> None:
+        s = self.settings
+        self.repository.on_change(self._sync_health)
+        failures = await self.repository.load_all(s.models)
+        if failures:
+            for name, reason in failures.items():
+                log.error("model %s: %s", name, reason)
+            if s.exit_on_error:
+                raise SystemExit(f"modelyard: {len(failures)} model(s) failed to load: {', '.join(failures)}")
+        options = [
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            *s.grpc_options,
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.repository, self.is_ready), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server, pool=_Pools(POOL, descriptor_pool.Default()))
+        bound = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if bound == 0:
+            raise SystemExit(f"modelyard: cannot bind gRPC to {s.host}:{s.grpc_port}")
+        self.grpc_port = bound
+        await server.start()
+        self._grpc = server
+        app = build_app(self.repository, self.metrics, self.is_ready, s.max_message_bytes)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        site = web.TCPSite(self._http, s.host, s.http_port)
+        await site.start()
+        if s.http_port == 0:
+            self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.started = True
+        self._sync_health()
+        log.info("modelyard serving %d model(s) from %s: gRPC %s:%d, HTTP %s:%d",
+                 len(self.repository.models), s.model_repository, s.host, self.grpc_port, s.host, self.http_port)
+
+    def request_stop(self) -> None:
+        """Signal-safe: only sets a flag."""
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        """Health NOT_SERVING, stop accepting, finish in-flight within the grace period, unload."""
+        self.shutting_down = True
+        await self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_seconds
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.repository.close()
+        log.info("modelyard stopped")
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.startup()
+        print(f"modelyard ready grpc={self.settings.host}:{self.grpc_port} http={self.settings.host}:{self.http_port}",
+              flush=True)
+        await self._stop.wait()
+        await self.shutdown()
+
+
+def run_server(settings: ServerSettings) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    server = ModelServer(settings)
+    try:
+        if uvloop is not None:
+            uvloop.run(server.serve())
+        else:
+            asyncio.run(server.serve())
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        model_repository=Path(args.model_repository) if args.model_repository else DEMO_REPOSITORY,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        models=args.model or None,
+        max_message_bytes=args.max_message_mb * MiB,
+        grace_seconds=args.grace,
+        exit_on_error=not args.no_exit_on_error,
+    )
+    return run_server(settings)
+
+
+def register(sub: Any) -> None:
+    """Add the ``serve`` subcommand."""
+    p = sub.add_parser("serve", help="run the model server (gRPC + HTTP)",
+                       description="Serve models over the KServe v2 / Triton gRPC protocol and REST.")
+    p.add_argument("--model-repository", "-r", metavar="DIR",
+                   help="model repository directory (<model>/config.yaml, <model>/<version>/); default: built-in demo models")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind gRPC and HTTP to (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; 0 = any free port)")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="load only this model at start (repeatable; default: every model in the repository)")
+    p.add_argument("--max-message-mb", type=int, default=64, help="max gRPC/HTTP message size in MiB, both ways (default 64)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM or unload (default 30)")
+    p.add_argument("--no-exit-on-error", action="store_true",
+                   help="keep serving the other models when one fails to load at start")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    p.set_defaults(func=_cmd_serve)

@@ -1,0 +1,199 @@
+"""A loaded model version: its instances, scheduler, statistics and state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from modelyard.server.config import ModelConfig
+from modelyard.server.devices import resolve_devices
+from modelyard.server.errors import ModelNotReady, ModelyardError, Overloaded, as_modelyard_error
+from modelyard.server.instances import Instance, InstancePool
+from modelyard.server.metrics import ServerMetrics
+from modelyard.server.runtimes.base import runtime_class
+from modelyard.server.scheduler import DirectScheduler, Scheduler
+from modelyard.server.stats import ModelStats
+from modelyard.server.types import InferRequest, InferResponse
+from modelyard.server.validation import validate_request
+from modelyard.server.warmup import warmup_requests
+
+log = logging.getLogger("modelyard.server")
+
+# Triton's state names, as RepositoryIndex reports them.
+LOADING, READY, UNLOADING, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "UNAVAILABLE"
+
+
+def build_scheduler(cfg: ModelConfig, pool: InstancePool, observer) -> Scheduler:  # type: ignore[no-untyped-def]
+    """The scheduler a config asks for (dynamic batching when configured)."""
+    if cfg.dynamic_batching is not None:
+        try:
+            from modelyard.server.batcher import DynamicBatcher
+        except ImportError:  # pragma: no cover - batcher not built
+            return DirectScheduler(pool, observer)
+        return DynamicBatcher(cfg, pool, observer)
+    return DirectScheduler(pool, observer)
+
+
+class ModelVersion:
+    """One version of one model, from LOADING to READY to UNAVAILABLE."""
+
+    def __init__(self, config: ModelConfig, version: str, path: Path, metrics: ServerMetrics) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = version
+        self.path = path
+        self.metrics = metrics
+        self.stats = ModelStats()
+        self.state = LOADING
+        self.reason = ""
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.pool: InstancePool | None = None
+        self.scheduler: Scheduler | None = None
+        self._labels = (self.name, self.version)
+
+    # ----------------------------------------------------------------- lifecycle
+    async def load(self) -> None:
+        """Create every instance (in worker threads), then warm up; READY only when all succeeded."""
+        t0 = time.perf_counter()
+        cls = runtime_class(self.config.backend, f"{self.path.parent}/config.yaml")
+        devices = resolve_devices(self.name, self.config.instance_group)
+        loop = asyncio.get_running_loop()
+        instances: list[Instance] = []
+        try:
+            for i, device in enumerate(devices):
+                runtime = cls(self.config, self.path, device)
+                inst_name = f"{self.name}_v{self.version}_{i}"
+                busy = self.metrics.instance_busy.labels(self.name, self.version, str(i))
+                inst = Instance(inst_name, runtime, busy.inc)
+                await inst.call(runtime.load)
+                instances.append(inst)
+        except BaseException:
+            for inst in instances:
+                await loop.run_in_executor(None, inst.close)
+            raise
+        self.pool = InstancePool(instances)
+        self.scheduler = build_scheduler(self.config, self.pool, self._observe_batch)
+        load_s = time.perf_counter() - t0
+        self.metrics.load_seconds.labels(*self._labels).set(load_s)
+        t1 = time.perf_counter()
+        await self._warmup()
+        warm_s = time.perf_counter() - t1
+        self.metrics.warmup_seconds.labels(*self._labels).set(warm_s)
+        self.state = READY
+        self.metrics.model_ready.labels(*self._labels).set(1)
+        log.info("model %s version %s READY (load %.3fs, warmup %.3fs, %d instance(s) on %s)",
+                 self.name, self.version, load_s, warm_s, len(instances), ",".join(sorted(set(devices))))
+
+    async def _warmup(self) -> None:
+        assert self.scheduler is not None
+        for sample in self.config.model_warmup:
+            for req in warmup_requests(self.config, sample, self.path, self.version):
+                if self.config.decoupled:
+                    async for _ in self.scheduler.stream(req):
+                        pass
+                else:
+                    await self.scheduler.infer(req)
+
+    async def unload(self, grace: float = 30.0) -> None:
+        """Stop taking requests, let in-flight ones finish (up to ``grace`` s), release instances."""
+        if self.state == UNAVAILABLE:
+            return
+        self.state = UNLOADING
+        self.metrics.model_ready.labels(*self._labels).set(0)
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning("model %s version %s: %d request(s) still in flight after %.0fs; unloading anyway",
+                        self.name, self.version, self.inflight, grace)
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        if self.pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.pool.close)
+        self.state = UNAVAILABLE
+        self.reason = "unloaded"
+
+    # ----------------------------------------------------------------- requests
+    def _admit(self) -> None:
+        if self.state != READY:
+            raise ModelNotReady(f"model '{self.name}' version {self.version} is {self.state}")
+        limit = self.config.max_concurrency
+        if limit and self.inflight >= limit:
+            raise Overloaded(f"model '{self.name}' has {self.inflight} requests in flight (max_concurrency {limit})")
+        self.inflight += 1
+        self._idle.clear()
+        self.metrics.inflight.labels(self.name).inc()
+
+    def _leave(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.labels(self.name).dec()
+        if self.inflight == 0:
+            self._idle.set()
+
+    def _finish(self, t0: int, error: BaseException | None) -> None:
+        total = time.perf_counter_ns() - t0
+        status = "OK" if error is None else as_modelyard_error(error).code.name
+        self.metrics.requests.labels(self.name, self.version, status).inc()
+        self.metrics.request_latency.labels(*self._labels).observe(total / 1e9)
+        self.stats.request_done(error is None, total)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Validate, schedule and account for one request."""
+        self._admit()
+        t0 = time.perf_counter_ns()
+        error: BaseException | None = None
+        try:
+            validate_request(self.config, request)
+            assert self.scheduler is not None
+            response = await self.scheduler.infer(request)
+            return self._shape_response(request, response)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._finish(t0, error)
+            self._leave()
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        """Responses of one request; many for decoupled models."""
+        self._admit()
+        t0 = time.perf_counter_ns()
+        error: BaseException | None = None
+        try:
+            validate_request(self.config, request)
+            assert self.scheduler is not None
+            if self.config.decoupled:
+                async for resp in self.scheduler.stream(request):
+                    yield self._shape_response(request, resp)
+            else:
+                yield self._shape_response(request, await self.scheduler.infer(request))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._finish(t0, error)
+            self._leave()
+
+    def _shape_response(self, request: InferRequest, response: InferResponse) -> InferResponse:
+        if isinstance(response, ModelyardError):
+            raise response
+        response.model = self.name
+        response.version = self.version
+        response.id = request.id
+        if request.outputs is not None:
+            response.outputs = {k: v for k, v in response.outputs.items() if k in request.outputs}
+        return response
+
+    def _observe_batch(self, size: int, queue_ns: list[int], compute_ns: int, instance: str) -> None:
+        labels = self._labels
+        self.metrics.batch_size.labels(*labels).observe(size)
+        self.metrics.compute_latency.labels(*labels).observe(compute_ns / 1e9)
+        q = self.metrics.queue_latency.labels(*labels)
+        for ns in queue_ns:
+            q.observe(ns / 1e9)
+            self.stats.queue.add(ns)
+        self.stats.batch_done(size, 0, compute_ns, 0)

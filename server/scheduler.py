@@ -1,0 +1,74 @@
+"""Schedulers decide when and where requests run.
+
+:class:`DirectScheduler` runs each request alone on the next idle instance
+(Triton's default scheduler). The dynamic batcher lives in ``batcher.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+from modelyard.server.errors import DeadlineExceeded, ModelyardError
+from modelyard.server.instances import InstancePool
+from modelyard.server.types import InferRequest, InferResponse
+
+#: called once per executed batch: (batch size, queue ns of each request, compute ns, instance name)
+BatchObserver = Callable[[int, list[int], int, str], None]
+
+
+class Scheduler:
+    """Interface: ``infer`` one request, ``stream`` a decoupled request, ``close``."""
+
+    def __init__(self, pool: InstancePool, observer: BatchObserver | None = None) -> None:
+        self.pool = pool
+        self.observer = observer
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        raise NotImplementedError
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        inst = await self._acquire(request)
+        try:
+            async for resp in inst.stream(request):
+                yield resp
+        finally:
+            self.pool.release(inst)
+
+    def queue_depth(self) -> int:
+        return 0
+
+    async def _acquire(self, request: InferRequest):  # type: ignore[no-untyped-def]
+        timeout = None
+        if request.deadline is not None:
+            timeout = request.deadline - time.monotonic()
+            if timeout <= 0:
+                raise DeadlineExceeded("request deadline passed before it reached an instance")
+        try:
+            return await self.pool.acquire(timeout)
+        except TimeoutError:
+            raise DeadlineExceeded("request deadline passed while waiting for a free model instance") from None
+
+    async def close(self) -> None:
+        """Stop accepting and fail anything still queued."""
+
+
+class DirectScheduler(Scheduler):
+    """One request per execution, on whichever instance is idle first."""
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        t0 = time.perf_counter_ns()
+        inst = await self._acquire(request)
+        queue_ns = time.perf_counter_ns() - t0
+        try:
+            results, compute_ns = await inst.execute([request])
+        finally:
+            self.pool.release(inst)
+        if self.observer is not None:
+            self.observer(1, [queue_ns], compute_ns, inst.name)
+        result = results[0]
+        if isinstance(result, ModelyardError):
+            raise result
+        if isinstance(result, BaseException):
+            raise result
+        return result
