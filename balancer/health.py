@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2
-
 from modelyard.balancer.endpoint import Health
 from modelyard.balancer.metrics import Stats
 from modelyard.balancer.pool import Pool
@@ -31,7 +30,7 @@ class GrpcHealthProbe:
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    async def __call__(self, address: str, service: str, timeout: float) -> bool:
+    async def __call__(self, address: str, service: str, timeout: float) -> bool:  # noqa: ASYNC109
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = grpc.aio.insecure_channel(

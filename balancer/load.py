@@ -45,5 +45,5 @@ class PeakEwma:
         return self.rtt * math.exp(-dt / self.tau)
 
     def cost(self, now: float, outstanding: int) -> float:
-        """Peak-EWMA load: ``rtt × (outstanding + 1)``."""
+        """Peak-EWMA load: ``rtt * (outstanding + 1)``."""
         return self.estimate(now) * (outstanding + 1)

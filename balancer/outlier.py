@@ -1,7 +1,7 @@
 """Passive outlier detection (Envoy's consecutive-failure ejection), clock-driven and pure.
 
 ``record`` is called for every finished attempt; after ``consecutive_failures``
-failures in a row an endpoint is ejected for ``base_ejection_time × times_ejected``
+failures in a row an endpoint is ejected for ``base_ejection_time * times_ejected``
 (capped at ``max_ejection_time``), unless that would eject more than
 ``max_ejection_percent`` of the pool — at least one endpoint may always be ejected,
 as in Envoy. ``due`` tells the pool when the next ejection ends.

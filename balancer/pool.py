@@ -63,6 +63,7 @@ class Pool:
         self.pending = 0
         self.active_retries = 0
         self.checked_services: list[str] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ membership
 
@@ -118,7 +119,9 @@ class Pool:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return
-            loop.create_task(up.close(1.0))
+            task = loop.create_task(up.close(1.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def start(self) -> None:
         """Mark initial membership done: endpoints added from now on are slow-started."""

@@ -1,7 +1,7 @@
 """Retry policy: the retry budget (linkerd style) and jittered exponential backoff.
 
 A retry is allowed only while retries in the last ``ttl`` seconds stay below
-``ratio × requests + min_retries_per_second × ttl``, so retries add at most a
+``ratio * requests + min_retries_per_second * ttl``, so retries add at most a
 bounded share of load even when every request fails.
 """
 

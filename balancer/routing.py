@@ -74,7 +74,7 @@ def peek_model_name(buf: bytes) -> str | None:
 
 def split_method(method: str) -> tuple[str, str]:
     """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
-    _, service, name = (method.split("/", 2) + ["", ""])[:3]
+    _, service, name = ([*method.split("/", 2), "", ""])[:3]
     return service, name
 
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from modelyard import __version__
 from modelyard.protos import grpc_service_pb2 as pb
@@ -20,7 +21,7 @@ from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
 from modelyard.server.codec import decode_request, encode_response
 from modelyard.server.config import ANY, to_proto
 from modelyard.server.errors import ModelyardError, Unsupported, as_modelyard_error
-from modelyard.server.model import READY, ModelVersion
+from modelyard.server.model import ModelVersion
 from modelyard.server.repository import ModelRepository
 
 log = logging.getLogger("modelyard.server")
@@ -222,4 +223,52 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     TraceSetting = LogSettings = _unsupported
 
 
-__all__ = ["READY", "InferenceServicer"]
+def _unary(cls: Any, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = cls.FromString(raw)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}")
+        return await method(request, context)
+
+    return handler
+
+
+def _streaming(cls: Any, method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(raw_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def parsed() -> AsyncIterator[Any]:
+            async for raw in raw_iterator:
+                try:
+                    yield cls.FromString(raw)
+                except DecodeError as exc:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"stream message is not a valid {cls.DESCRIPTOR.full_name}: {exc}"
+                    )
+
+        async for item in method(parsed(), context):
+            yield item
+
+    return handler
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer so that undecodable bytes are INVALID_ARGUMENT, not UNKNOWN.
+
+    grpc's generated registration parses in the deserializer, where a failure can only
+    surface as UNKNOWN; here handlers receive bytes and parse them themselves.
+    """
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for m in service.methods:
+        req_cls = getattr(pb, m.input_type.name)
+        resp_cls = getattr(pb, m.output_type.name)
+        method = getattr(servicer, m.name)
+        if m.client_streaming and m.server_streaming:
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(
+                _streaming(req_cls, method), response_serializer=resp_cls.SerializeToString
+            )
+        else:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(req_cls, method), response_serializer=resp_cls.SerializeToString
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -95,8 +95,13 @@ class InstancePool:
     def __init__(self, instances: list[Instance]) -> None:
         self.instances = instances
         self._free: asyncio.Queue[Instance] = asyncio.Queue()
+        self._listeners: list[Callable[[], None]] = []
         for inst in instances:
             self._free.put_nowait(inst)
+
+    def add_release_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` whenever an instance becomes idle (the batcher wakes on it)."""
+        self._listeners.append(fn)
 
     async def acquire(self, timeout: float | None = None) -> Instance:
         if timeout is None:
@@ -110,6 +115,12 @@ class InstancePool:
             return None
 
     def release(self, inst: Instance) -> None:
+        self._free.put_nowait(inst)
+        for fn in self._listeners:
+            fn()
+
+    def return_unused(self, inst: Instance) -> None:
+        """Give back an instance taken with :meth:`try_acquire` but not used (no listener is told)."""
         self._free.put_nowait(inst)
 
     def idle_count(self) -> int:

@@ -23,10 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from modelyard.protos import grpc_service_pb2 as pb
-from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
 from modelyard.protos._pool import POOL
 from modelyard.server.demo_models import DEMO_REPOSITORY
-from modelyard.server.grpc_service import InferenceServicer
+from modelyard.server.grpc_service import InferenceServicer, add_inference_service
 from modelyard.server.http_app import build_app
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.repository import ModelRepository
@@ -49,6 +48,9 @@ class ServerSettings:
     models: list[str] | None = None
     max_message_bytes: int = 64 * MiB
     grace_seconds: float = 30.0
+    #: on shutdown, seconds to keep serving after health turns NOT_SERVING, so that load
+    #: balancers notice before connections close (Kubernetes preStop style)
+    drain_delay: float = 0.0
     exit_on_error: bool = True
     grpc_options: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -130,7 +132,7 @@ class ModelServer:
             *s.grpc_options,
         ]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.repository, self.is_ready), server)
+        add_inference_service(InferenceServicer(self.repository, self.is_ready), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=_Pools(POOL, descriptor_pool.Default()))
@@ -160,6 +162,9 @@ class ModelServer:
         """Health NOT_SERVING, stop accepting, finish in-flight within the grace period, unload."""
         self.shutting_down = True
         await self.health.enter_graceful_shutdown()
+        if self.settings.drain_delay > 0:
+            log.info("health NOT_SERVING; still accepting for %.1fs (drain delay)", self.settings.drain_delay)
+            await asyncio.sleep(self.settings.drain_delay)
         grace = self.settings.grace_seconds
         if self._grpc is not None:
             await self._grpc.stop(grace)
@@ -208,6 +213,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         models=args.model or None,
         max_message_bytes=args.max_message_mb * MiB,
         grace_seconds=args.grace,
+        drain_delay=args.drain_delay,
         exit_on_error=not args.no_exit_on_error,
     )
     return run_server(settings)
@@ -227,6 +233,8 @@ def register(sub: Any) -> None:
     p.add_argument("--max-message-mb", type=int, default=64, help="max gRPC/HTTP message size in MiB, both ways (default 64)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM or unload (default 30)")
+    p.add_argument("--drain-delay", type=float, default=0.0,
+                   help="on SIGTERM, seconds to keep accepting requests after health turns NOT_SERVING (default 0)")
     p.add_argument("--no-exit-on-error", action="store_true",
                    help="keep serving the other models when one fails to load at start")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")

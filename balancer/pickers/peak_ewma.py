@@ -1,4 +1,4 @@
-"""Peak EWMA (Finagle / linkerd / tower): P2C on ``rtt_estimate × (outstanding + 1)``."""
+"""Peak EWMA (Finagle / linkerd / tower): P2C on ``rtt_estimate * (outstanding + 1)``."""
 
 from __future__ import annotations
 

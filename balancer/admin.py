@@ -1,0 +1,112 @@
+"""Admin HTTP API (aiohttp), bound to 127.0.0.1 unless configured otherwise.
+
+GET  /metrics            Prometheus text from the balancer's own registry
+GET  /endpoints          JSON rows: state, EWMA, outstanding, ejections per endpoint
+GET  /healthz            200 "ok" while serving, 503 "draining" after drain started
+GET  /config             the effective config as JSON
+POST /drain              start draining the whole balancer (it exits when done)
+POST /endpoints          {"pool", "address", "weight"?}: add an endpoint (source "admin")
+DELETE /endpoints        {"pool", "address"} (or query string): remove it
+POST /endpoints/drain    {"pool", "address"}: stop new picks, let in-flight finish
+POST /endpoints/undrain  {"pool", "address"}: undo a drain
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from modelyard.balancer.app import Balancer
+
+
+def _bad(msg: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": msg}, status=status)
+
+
+def build_admin_app(b: Balancer) -> web.Application:
+    """The aiohttp application serving the admin API of balancer ``b``."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(b.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def endpoints(_: web.Request) -> web.Response:
+        return web.json_response({"draining": b.draining, "endpoints": b.endpoint_rows()})
+
+    async def healthz(_: web.Request) -> web.Response:
+        if b.draining:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ok\n")
+
+    async def config(_: web.Request) -> web.Response:
+        return web.json_response(b.config_dict())
+
+    async def drain(_: web.Request) -> web.Response:
+        b.begin_drain()
+        return web.json_response({"draining": True}, status=202)
+
+    async def target(request: web.Request) -> tuple[dict[str, Any], Any] | web.Response:
+        data: dict[str, Any] = dict(request.query)
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                return _bad("body must be JSON")
+            if not isinstance(body, dict):
+                return _bad("body must be a JSON object")
+            data.update(body)
+        pool = b.pools.get(str(data.get("pool", "")))
+        if pool is None:
+            return _bad(f"unknown pool {data.get('pool')!r} (known: {', '.join(b.pools)})", 404)
+        if not isinstance(data.get("address"), str) or ":" not in data["address"]:
+            return _bad("address must be host:port")
+        return data, pool
+
+    async def add(request: web.Request) -> web.Response:
+        t = await target(request)
+        if isinstance(t, web.Response):
+            return t
+        data, pool = t
+        try:
+            weight = float(data.get("weight", 1.0))
+        except (TypeError, ValueError):
+            return _bad("weight must be a number")
+        if weight <= 0:
+            return _bad("weight must be > 0")
+        pool.add(data["address"], weight, source="admin")
+        return web.json_response({"added": data["address"], "pool": pool.name})
+
+    async def remove(request: web.Request) -> web.Response:
+        t = await target(request)
+        if isinstance(t, web.Response):
+            return t
+        data, pool = t
+        if not pool.remove(data["address"]):
+            return _bad(f"{data['address']} is not in pool {pool.name!r}", 404)
+        return web.json_response({"removed": data["address"], "pool": pool.name})
+
+    def set_drain(flag: bool) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            t = await target(request)
+            if isinstance(t, web.Response):
+                return t
+            data, pool = t
+            if not pool.set_draining(data["address"], flag):
+                return _bad(f"{data['address']} is not in pool {pool.name!r}", 404)
+            return web.json_response({"address": data["address"], "pool": pool.name, "draining": flag})
+        return handler
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/endpoints", endpoints)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/config", config)
+    app.router.add_post("/drain", drain)
+    app.router.add_post("/endpoints", add)
+    app.router.add_delete("/endpoints", remove)
+    app.router.add_post("/endpoints/drain", set_drain(True))
+    app.router.add_post("/endpoints/undrain", set_drain(False))
+    return app

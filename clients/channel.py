@@ -1,0 +1,89 @@
+"""How a client reaches the server: address, TLS, bearer token, message size limits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+MiB = 1024 * 1024
+DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+
+
+def normalize_url(url: str) -> str:
+    """``HOST:PORT`` from what people type (``grpc://host:port``, a trailing slash...)."""
+    target = url.strip()
+    for scheme in ("grpc://", "grpcs://", "http://", "https://"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    return target.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSettings:
+    """Everything both clients need to open a channel and to decorate each call.
+
+    ``credentials`` switches the channel to TLS (``grpc.ssl_channel_credentials(...)``);
+    ``token`` is sent as ``authorization: Bearer <token>`` metadata on every call.
+    """
+
+    url: str = DEFAULT_URL
+    credentials: grpc.ChannelCredentials | None = None
+    token: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    options: Sequence[tuple[str, Any]] = ()
+
+    @property
+    def target(self) -> str:
+        return normalize_url(self.url)
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            *self.options,
+        ]
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        pairs = [(k.lower(), v) for k, v in self.headers.items()]
+        if self.token:
+            pairs.append(("authorization", f"Bearer {self.token}"))
+        return tuple(pairs)
+
+    def open_sync(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials, options=self.channel_options())
+        return grpc.insecure_channel(self.target, options=self.channel_options())
+
+    def open_aio(self) -> grpc.aio.Channel:
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(self.target, self.credentials, options=self.channel_options())
+        return grpc.aio.insecure_channel(self.target, options=self.channel_options())
+
+
+def make_settings(
+    url: str,
+    *,
+    ssl: bool = False,
+    credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    channel_options: Sequence[tuple[str, Any]] = (),
+) -> ChannelSettings:
+    """Settings from the keyword arguments both clients take; ``ssl=True`` uses the system roots."""
+    if credentials is None and ssl:
+        credentials = grpc.ssl_channel_credentials()
+    return ChannelSettings(
+        url=url,
+        credentials=credentials,
+        token=token,
+        headers=dict(headers or {}),
+        max_message_bytes=max_message_bytes,
+        options=tuple(channel_options),
+    )

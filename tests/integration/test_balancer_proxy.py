@@ -1,0 +1,327 @@
+"""The balancer's data plane against in-test gRPC backends (same event loop) and subprocess echoes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from modelyard.balancer.app import Balancer
+from modelyard.balancer.config import config_from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = ROOT / "benchmarks" / "harness.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Backend:
+    """An in-process test service covering all four call kinds, metadata, trailers, errors, deadlines."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.calls = 0
+        self.health = health.aio.HealthServicer()
+
+    async def start(self) -> None:
+        name = self.name
+
+        async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.calls += 1
+            md = dict(context.invocation_metadata())
+            await context.send_initial_metadata((("x-backend", name),))
+            context.set_trailing_metadata((("x-echo", md.get("x-test", "")),))
+            if request == b"fail":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request",
+                                    (("x-why", "because"),))
+            if request == b"deadline":
+                return f"{context.time_remaining():.3f}".encode()
+            if request.startswith(b"sleep"):
+                await asyncio.sleep(float(request[5:]))
+            return request
+
+        async def server_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            for i in range(3):
+                yield request + str(i).encode()
+
+        async def client_stream(it: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            return b"".join([m async for m in it])
+
+        async def bidi(it: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            async for m in it:
+                if m == b"boom":
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "boom")
+                yield name.encode() + b":" + m
+
+        handlers = grpc.method_handlers_generic_handler("t.T", {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        })
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers((handlers,))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def balancer(pools: dict[str, Any], **extra: Any) -> AsyncIterator[Balancer]:
+    cfg = config_from_dict({
+        "listeners": [{"address": "127.0.0.1:0"}],
+        "admin": {"address": "127.0.0.1:0"},
+        "unary_methods": ["/t.T/Unary"],
+        "pools": pools,
+        **extra,
+    })
+    b = Balancer(cfg)
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def pool_of(*addresses: str, **kw: Any) -> dict[str, Any]:
+    return {"picker": "round_robin", "endpoints": {"static": list(addresses)},
+            "health_check": {"interval": 0.1, "timeout": 0.5}, **kw}
+
+
+@contextlib.asynccontextmanager
+async def channel(b: Balancer) -> AsyncIterator[grpc.aio.Channel]:
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{b.ports[0]}")
+    try:
+        yield ch
+    finally:
+        await ch.close()
+
+
+async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[list[Backend]]:
+    bs = [Backend("a"), Backend("b")]
+    for b in bs:
+        await b.start()
+    yield bs
+    for b in bs:
+        await b.stop()
+
+
+async def test_unary_forwards_bytes_metadata_headers_trailers_and_errors(backends: list[Backend]) -> None:
+    async with balancer({"p": pool_of(backends[0].address)}) as b, channel(b) as ch:
+        call = ch.unary_unary("/t.T/Unary")(b"\x00hello\xff", metadata=(("x-test", "v1"),))
+        assert await call == b"\x00hello\xff"
+        assert ("x-backend", "a") in tuple(await call.initial_metadata())
+        assert ("x-echo", "v1") in tuple(await call.trailing_metadata())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/t.T/Unary")(b"fail")
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "bad request"
+        assert ("x-why", "because") in tuple(info.value.trailing_metadata())
+
+
+async def test_all_four_call_kinds_are_proxied(backends: list[Backend]) -> None:
+    async with balancer({"p": pool_of(backends[0].address)}) as b, channel(b) as ch:
+        assert [m async for m in ch.unary_stream("/t.T/ServerStream")(b"x")] == [b"x0", b"x1", b"x2"]
+
+        async def gen() -> AsyncIterator[bytes]:
+            for part in (b"ab", b"cd", b"ef"):
+                yield part
+        assert await ch.stream_unary("/t.T/ClientStream")(gen()) == b"abcdef"
+        call = ch.stream_stream("/t.T/Bidi")()
+        for m in (b"1", b"2"):
+            await call.write(m)
+            assert await call.read() == b"a:" + m
+        await call.write(b"boom")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_remaining_deadline_reaches_the_upstream(backends: list[Backend]) -> None:
+    async with balancer({"p": pool_of(backends[0].address)}) as b, channel(b) as ch:
+        remaining = float(await ch.unary_unary("/t.T/Unary")(b"deadline", timeout=2.0))
+        assert 0 < remaining <= 2.0
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/t.T/Unary")(b"sleep5", timeout=0.3)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_pool_timeout_caps_the_deadline(backends: list[Backend]) -> None:
+    async with balancer({"p": pool_of(backends[0].address, timeout=0.2)}) as b, channel(b) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/t.T/Unary")(b"sleep5", timeout=10)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_no_healthy_endpoint_is_unavailable_naming_the_pool(backends: list[Backend]) -> None:
+    async with balancer({"textpool": pool_of(backends[0].address, panic_threshold=0)}) as b, channel(b) as ch:
+        await backends[0].health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        pool = b.pools["textpool"]
+        await until(lambda: len(pool.snapshot) == 0, what="endpoint marked unhealthy")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/t.T/Unary")(b"x")
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "textpool" in info.value.details()
+        await backends[0].health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await until(lambda: len(pool.snapshot) == 1, what="endpoint healthy again")
+        assert await ch.unary_unary("/t.T/Unary")(b"x") == b"x"
+
+
+async def test_retry_moves_to_another_endpoint_when_one_refuses(backends: list[Backend]) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    pools = {"p": pool_of(dead, backends[0].address, health_check={"enabled": False})}
+    async with balancer(pools) as b, channel(b) as ch:
+        call = ch.unary_unary("/t.T/Unary")
+        for _ in range(20):
+            assert await call(b"x", timeout=5) == b"x"
+        events = b.stats.events
+        assert events[("p", "retries")] >= 1 or events[("p", "ejections")] >= 1
+
+
+async def test_circuit_breaker_fails_fast_with_resource_exhausted(backends: list[Backend]) -> None:
+    pools = {"p": pool_of(backends[0].address, circuit_breakers={"max_requests": 1})}
+    async with balancer(pools) as b, channel(b) as ch:
+        slow = asyncio.ensure_future(ch.unary_unary("/t.T/Unary")(b"sleep0.5"))
+        await until(lambda: b.pools["p"].active == 1, what="first request in flight")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/t.T/Unary")(b"x")
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await slow == b"sleep0.5"
+        assert b.stats.events[("p", "circuit_open_requests")] == 1
+
+
+async def test_routes_split_traffic_between_pools(backends: list[Backend]) -> None:
+    pools = {"blue": pool_of(backends[0].address), "green": pool_of(backends[1].address)}
+    routes = [{"match": {"method": "Bidi"}, "pool": "green"},
+              {"match": {}, "split": [{"pool": "blue", "weight": 1}, {"pool": "green", "weight": 1}]}]
+    async with balancer(pools, routes=routes) as b, channel(b) as ch:
+        seen = set()
+        for _ in range(40):
+            call = ch.unary_unary("/t.T/Unary")(b"x")
+            await call
+            seen.add(dict(await call.initial_metadata())["x-backend"])
+        assert seen == {"a", "b"}
+        call = ch.stream_stream("/t.T/Bidi")()
+        await call.write(b"m")
+        assert await call.read() == b"b:m"
+        await call.done_writing()
+
+
+async def test_admin_api_adds_drains_and_removes_endpoints(backends: list[Backend]) -> None:
+    async with balancer({"p": pool_of(backends[0].address)}) as b, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{b.admin_port}"
+        pool = b.pools["p"]
+        r = await http.post(f"{base}/endpoints", json={"pool": "p", "address": backends[1].address})
+        assert r.status == 200
+        assert len(pool.snapshot) == 2
+        r = await http.post(f"{base}/endpoints/drain", json={"pool": "p", "address": backends[0].address})
+        assert r.status == 200
+        async with channel(b) as ch:
+            for _ in range(5):
+                call = ch.unary_unary("/t.T/Unary")(b"x")
+                await call
+                assert dict(await call.initial_metadata())["x-backend"] == "b"
+        rows = (await (await http.get(f"{base}/endpoints")).json())["endpoints"]
+        assert {r["address"]: r["draining"] for r in rows} == {backends[0].address: True, backends[1].address: False}
+        r = await http.delete(f"{base}/endpoints", json={"pool": "p", "address": backends[0].address})
+        assert r.status == 200 and list(pool.endpoints) == [backends[1].address]
+        r = await http.post(f"{base}/endpoints", json={"pool": "nope", "address": "x:1"})
+        assert r.status == 404
+        metrics = await (await http.get(f"{base}/metrics")).text()
+        assert 'modelyard_balancer_requests_total{code="OK",endpoint="' in metrics
+        assert "modelyard_balancer_request_duration_seconds_bucket" in metrics
+        assert (await http.get(f"{base}/config")).status == 200
+        assert (await http.get(f"{base}/healthz")).status == 200
+        r = await http.post(f"{base}/drain")
+        assert r.status == 202
+        assert (await http.get(f"{base}/healthz")).status == 503
+        await asyncio.wait_for(b.wait(), 10)
+
+
+async def test_draining_balancer_reports_not_serving(backends: list[Backend]) -> None:
+    async with balancer({"p": pool_of(backends[0].address)}, drain={"delay": 0.5, "grace": 1}) as b, \
+            channel(b) as ch:
+        check = health_pb2_grpc.HealthStub(ch).Check
+        assert (await check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+        b.begin_drain()
+        resp = await check(health_pb2.HealthCheckRequest())
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await asyncio.wait_for(b.wait(), 10)
+
+
+async def test_garbage_and_non_grpc_requests_are_rejected_and_serving_continues(backends: list[Backend]) -> None:
+    async with balancer({"p": pool_of(backends[0].address)}) as b, channel(b) as ch:
+        port = b.ports[0]
+        for junk in (b"\x00\x01\x02garbage" * 100, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(junk)
+            await writer.drain()
+            with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(1024), 2)
+            writer.close()
+        async with aiohttp.ClientSession() as http:
+            with contextlib.suppress(aiohttp.ClientError):
+                r = await http.post(f"http://127.0.0.1:{port}/t.T/Unary", data=b"x")
+                assert r.status != 200
+        assert await ch.unary_unary("/t.T/Unary")(b"still ok", timeout=5) == b"still ok"
+
+
+async def test_upstream_reset_mid_stream_gives_unavailable_not_a_hang() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HARNESS), "echo", "--port", str(port), "--delay-ms", "60000"])
+    try:
+        async with balancer({"p": pool_of(f"127.0.0.1:{port}", health_check={"enabled": False})}) as b, \
+                channel(b) as ch:
+            deadline = time.monotonic() + 20
+            while True:  # wait for the echo process to listen
+                try:
+                    with socket.create_connection(("127.0.0.1", port), 0.2):
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, "echo backend did not start"
+                    await asyncio.sleep(0.05)
+            call = ch.stream_stream("/bench.Echo/Stream")()
+            await call.write(b"hello")
+            await until(lambda: b.pools["p"].active == 1, what="stream in flight")
+            proc.kill()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(call.read(), 10)
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,148 @@
+"""Pickers and their load measurement, driven by a fake clock and a seeded RNG."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from modelyard.balancer.clock import FakeClock
+from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome, Snapshot
+from modelyard.balancer.load import PeakEwma as PeakEwmaLoad
+from modelyard.balancer.pickers import PICKERS, LeastConn, PeakEwma, RandomPicker, RoundRobin, WeightedRoundRobin
+
+
+def snap(*eps: Endpoint, version: int = 1) -> Snapshot:
+    return Snapshot("p", tuple(eps), version=version)
+
+
+def eps(n: int) -> list[Endpoint]:
+    return [Endpoint(f"10.0.0.{i}:1") for i in range(n)]
+
+
+def test_registry_names_every_policy() -> None:
+    assert set(PICKERS) == {"round_robin", "weighted_round_robin", "random", "least_conn", "peak_ewma"}
+
+
+@pytest.mark.parametrize("name", sorted(PICKERS))
+def test_empty_snapshot_raises_no_endpoint_naming_the_pool(name: str) -> None:
+    with pytest.raises(NoEndpoint, match="pool 'p'"):
+        PICKERS[name](rng=random.Random(1)).pick(snap())
+
+
+@pytest.mark.parametrize("name", sorted(PICKERS))
+def test_exclude_avoids_the_failed_endpoint_unless_it_is_the_only_one(name: str) -> None:
+    a, b = eps(2)
+    picker = PICKERS[name](rng=random.Random(2), clock=FakeClock())
+    assert all(picker.pick(snap(a, b), exclude=a) is b for _ in range(20))
+    assert picker.pick(snap(a), exclude=a) is a
+
+
+def test_round_robin_cycles_evenly() -> None:
+    e = eps(3)
+    rr = RoundRobin(rng=random.Random(0))
+    counts = Counter(rr.pick(snap(*e)).address for _ in range(300))
+    assert set(counts.values()) == {100}
+
+
+def test_weighted_round_robin_is_smooth_and_proportional() -> None:
+    a, b = eps(2)
+    a.effective_weight, b.effective_weight = 3.0, 1.0
+    wrr = WeightedRoundRobin()
+    seq = [wrr.pick(snap(a, b)) for _ in range(8)]
+    assert seq.count(a) == 6 and seq.count(b) == 2
+    # smooth: b is not picked twice in a row
+    assert all(not (x is b and y is b) for x, y in zip(seq, seq[1:], strict=False))
+
+
+def test_random_respects_weights() -> None:
+    a, b = eps(2)
+    a.effective_weight, b.effective_weight = 9.0, 1.0
+    r = RandomPicker(rng=random.Random(3))
+    share = sum(r.pick(snap(a, b)) is a for _ in range(5000)) / 5000
+    assert 0.87 < share < 0.93
+
+
+def test_least_conn_prefers_fewer_outstanding() -> None:
+    a, b = eps(2)
+    a.outstanding, b.outstanding = 10, 0
+    lc = LeastConn(rng=random.Random(4))
+    assert all(lc.pick(snap(a, b)) is b for _ in range(50))
+
+
+def test_least_conn_p2c_never_picks_the_most_loaded_of_three() -> None:
+    e = eps(3)
+    for i, x in enumerate(e):
+        x.outstanding = i * 5
+    lc = LeastConn(rng=random.Random(5))
+    picked = Counter(lc.pick(snap(*e)).address for _ in range(600))
+    assert picked[e[2].address] == 0 and picked[e[0].address] > picked[e[1].address]
+
+
+def test_peak_ewma_jumps_to_peaks_and_decays_with_tau() -> None:
+    clock = FakeClock()
+    load = PeakEwmaLoad(clock.now(), rtt_prior=0.01, tau=1.0)
+    load.observe(clock.now(), 0.5)
+    assert load.rtt == pytest.approx(0.5)  # peak sensitive
+    clock.advance(1.0)
+    load.observe(clock.now(), 0.1)
+    # blended with weight exp(-1) on the old value
+    assert load.rtt == pytest.approx(0.5 * 0.36788 + 0.1 * (1 - 0.36788), rel=1e-3)
+
+
+def test_peak_ewma_estimate_decays_over_idle_time() -> None:
+    clock = FakeClock()
+    load = PeakEwmaLoad(clock.now(), rtt_prior=1.0, tau=2.0)
+    clock.advance(2.0)
+    assert load.estimate(clock.now()) == pytest.approx(0.36788, rel=1e-3)
+    assert load.cost(clock.now(), outstanding=3) == pytest.approx(4 * 0.36788, rel=1e-3)
+
+
+def test_peak_ewma_avoids_slow_endpoint() -> None:
+    clock = FakeClock()
+    fast, slow = eps(2)
+    pe = PeakEwma(clock=clock, rng=random.Random(6), tau=10.0)
+    pe.on_done(fast, Outcome.SUCCESS, 0.002)
+    pe.on_done(slow, Outcome.SUCCESS, 0.050)
+    clock.advance(0.01)
+    assert all(pe.pick(snap(fast, slow)) is fast for _ in range(50))
+
+
+def test_peak_ewma_counts_outstanding_requests() -> None:
+    clock = FakeClock()
+    a, b = eps(2)
+    pe = PeakEwma(clock=clock, rng=random.Random(7))
+    pe.on_done(a, Outcome.SUCCESS, 0.002)
+    pe.on_done(b, Outcome.SUCCESS, 0.003)
+    a.outstanding = 5  # 0.002 * 6 > 0.003 * 1
+    assert pe.pick(snap(a, b)) is b
+
+
+def test_peak_ewma_penalises_fast_failures() -> None:
+    clock = FakeClock()
+    healthy, failing = eps(2)
+    pe = PeakEwma(clock=clock, rng=random.Random(8), failure_penalty=0.5)
+    pe.on_done(healthy, Outcome.SUCCESS, 0.010)
+    pe.on_done(failing, Outcome.FAILURE, 0.0001)  # fails in 0.1 ms: must not look fast
+    assert all(pe.pick(snap(healthy, failing)) is healthy for _ in range(50))
+
+
+def test_peak_ewma_new_endpoint_starts_from_the_prior() -> None:
+    clock = FakeClock()
+    (e,) = eps(1)
+    pe = PeakEwma(clock=clock, rtt_prior=0.123)
+    assert pe.load_of(e).estimate(clock.now()) == pytest.approx(0.123)
+
+
+def test_weights_scale_p2c_costs() -> None:
+    clock = FakeClock()
+    a, b = eps(2)
+    a.effective_weight, b.effective_weight = 0.1, 1.0  # a is slow-starting
+    lc = LeastConn(rng=random.Random(9), clock=clock)
+    assert all(lc.pick(snap(a, b)) is b for _ in range(20))
+
+
+def test_unknown_picker_option_is_rejected() -> None:
+    with pytest.raises(TypeError, match="no options"):
+        RoundRobin(bogus=1)
