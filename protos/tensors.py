@@ -61,7 +61,7 @@ class TensorError(ValueError):
 def datatype_of(array: np.ndarray) -> str:
     """The protocol datatype name for a numpy array."""
     kind = array.dtype
-    if kind == object or kind.kind in ("S", "U"):
+    if kind.kind in ("O", "S", "U"):
         return "BYTES"
     for name, dt in DTYPES.items():
         if name != "BYTES" and dt == kind.newbyteorder("<"):

@@ -129,12 +129,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if request.version:
                 resp.model_stats.append(_stats_message(self.repo.get(request.name, request.version)))
             else:
-                for v, mv in sorted(self.repo.versions(request.name).items(), key=lambda kv: int(kv[0])):
-                    resp.model_stats.append(_stats_message(mv))
+                versions = self.repo.versions(request.name)
+                for v in sorted(versions, key=int):
+                    resp.model_stats.append(_stats_message(versions[v]))
         else:
             for name in sorted(self.repo.models):
-                for v, mv in sorted(self.repo.models[name].items(), key=lambda kv: int(kv[0])):
-                    resp.model_stats.append(_stats_message(mv))
+                versions = self.repo.models[name]
+                for v in sorted(versions, key=int):
+                    resp.model_stats.append(_stats_message(versions[v]))
         return resp
 
     # --------------------------------------------------------------- repository

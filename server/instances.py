@@ -103,10 +103,11 @@ class InstancePool:
         """Call ``fn()`` whenever an instance becomes idle (the batcher wakes on it)."""
         self._listeners.append(fn)
 
-    async def acquire(self, timeout: float | None = None) -> Instance:
-        if timeout is None:
+    async def acquire(self, limit_s: float | None = None) -> Instance:
+        """The next idle instance; TimeoutError after ``limit_s`` seconds."""
+        if limit_s is None:
             return await self._free.get()
-        return await asyncio.wait_for(self._free.get(), timeout)
+        return await asyncio.wait_for(self._free.get(), limit_s)
 
     def try_acquire(self) -> Instance | None:
         try:

@@ -97,6 +97,7 @@ class ModelServer:
         self.started = False
         self.shutting_down = False
         self._stop = asyncio.Event()
+        self._health_tasks: set[asyncio.Future[None]] = set()
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self.grpc_port = settings.grpc_port
@@ -110,10 +111,12 @@ class ModelServer:
         """Health service "" follows server readiness, "<model>" that model's readiness."""
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         names = [model] if model else list(self.repository.models) + list(self.repository.failed)
-        for name in names:
-            ok = not self.shutting_down and self.repository.is_ready(name)
-            asyncio.ensure_future(self.health.set(name, serving if ok else not_serving))
-        asyncio.ensure_future(self.health.set("", serving if self.is_ready() else not_serving))
+        updates = [(name, not self.shutting_down and self.repository.is_ready(name)) for name in names]
+        updates.append(("", self.is_ready()))
+        for name, ok in updates:
+            task = asyncio.ensure_future(self.health.set(name, serving if ok else not_serving))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
 
     # ------------------------------------------------------------------ lifecycle
     async def startup(self) -> None:

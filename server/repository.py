@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelyard.server.config import ModelConfig, VersionPolicy, load_config
-from modelyard.server.errors import ConfigError, InvalidInput, ModelNotFound, ModelNotReady, as_modelyard_error
+from modelyard.server.errors import (
+    ConfigError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    as_modelyard_error,
+)
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model import READY, UNAVAILABLE, ModelVersion
 

@@ -25,7 +25,7 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 60.0) -> None:
         self.args = ["serve", "--grpc-port", "0", "--http-port", "0", *args]
-        self.log = tempfile.NamedTemporaryFile(prefix="modelyard-serve-", suffix=".log", delete=False)  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile(prefix="modelyard-serve-", suffix=".log", delete=False)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [*MODELYARD, *self.args], stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True
