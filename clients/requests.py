@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos.tensors import as_bytes_array, datatype_of, to_raw
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+
 from modelyard.clients.errors import InferenceServerError
 from modelyard.clients.requests import ParamValue, parameter_value
 from modelyard.protos import grpc_service_pb2 as pb

@@ -1,17 +1,19 @@
 """Model instances: a runtime plus the worker thread that runs it.
 
-The event loop hands batches to an instance's own single thread and awaits the
-result; it never runs model code itself. torch releases the GIL inside kernels,
-so instances in threads compute in parallel.
+The event loop puts jobs on an instance's queue and awaits a future; the
+instance's own thread takes job after job without waiting for the loop, so a busy
+loop never leaves an instance idle. Results come back with one
+``call_soon_threadsafe`` per job. torch releases the GIL inside kernels, so
+instances in threads compute in parallel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from modelyard.server.errors import as_modelyard_error
@@ -21,18 +23,55 @@ from modelyard.server.types import InferRequest, InferResponse
 _END = object()
 
 
+def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _reject(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
 class Instance:
-    """One runtime on one device, executing in its own thread."""
+    """One runtime on one device, executing jobs one at a time in its own thread."""
 
     def __init__(self, name: str, runtime: Runtime, on_busy: Callable[[float], None] | None = None) -> None:
         self.name = name
         self.runtime = runtime
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"modelyard-{name}")
         self._on_busy = on_busy
+        #: jobs queued or running (maintained on the loop; used to pick the least-loaded instance)
+        self.outstanding = 0
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=f"modelyard-{name}", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            loop, fut, fn, args = job
+            if fut.cancelled():  # the caller went away while this job was queued: never compute it
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_reject, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_resolve, fut, result)
+
+    def _job_done(self, _: asyncio.Future[Any]) -> None:
+        self.outstanding -= 1
 
     def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """Run ``fn(*args)`` in this instance's thread."""
-        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """Run ``fn(*args)`` in this instance's thread, after the jobs already queued."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.outstanding += 1
+        fut.add_done_callback(self._job_done)
+        self._jobs.put((loop, fut, fn, args))
+        return fut
 
     def _execute(self, requests: list[InferRequest]) -> tuple[list[Result], int]:
         t0 = time.perf_counter_ns()
@@ -69,7 +108,7 @@ class Instance:
             finally:
                 loop.call_soon_threadsafe(out.put_nowait, _END)
 
-        fut = loop.run_in_executor(self.executor, produce)
+        fut = self.call(produce)
         try:
             while True:
                 item = await out.get()
@@ -82,11 +121,11 @@ class Instance:
             stop.set()
             await asyncio.shield(fut)
 
-    def close(self) -> None:
-        try:
-            self.runtime.unload()
-        finally:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the queued jobs, stop the thread, unload the runtime (call from a worker thread)."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        self.runtime.unload()
 
 
 class InstancePool:

@@ -187,11 +187,15 @@ class ModelServer:
         await self.shutdown()
 
 
-def run_server(settings: ServerSettings) -> int:
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None
+def run_server(settings: ServerSettings, loop: str = "auto") -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    uvloop: Any = None
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise
     server = ModelServer(settings)
     try:
         if uvloop is not None:
@@ -219,7 +223,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         drain_delay=args.drain_delay,
         exit_on_error=not args.no_exit_on_error,
     )
-    return run_server(settings)
+    return run_server(settings, args.loop)
 
 
 def register(sub: Any) -> None:
@@ -240,5 +244,7 @@ def register(sub: Any) -> None:
                    help="on SIGTERM, seconds to keep accepting requests after health turns NOT_SERVING (default 0)")
     p.add_argument("--no-exit-on-error", action="store_true",
                    help="keep serving the other models when one fails to load at start")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="event loop implementation (default auto: uvloop when installed)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     p.set_defaults(func=_cmd_serve)

@@ -8,12 +8,13 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from modelyard.server.cache import ResponseCache, request_key
 from modelyard.server.config import ModelConfig
 from modelyard.server.devices import resolve_devices
 from modelyard.server.errors import ModelNotReady, ModelyardError, Overloaded, as_modelyard_error
 from modelyard.server.instances import Instance, InstancePool
 from modelyard.server.metrics import ServerMetrics
-from modelyard.server.runtimes.base import runtime_class
+from modelyard.server.runtimes.base import Runtime, runtime_class
 from modelyard.server.scheduler import DirectScheduler, Scheduler
 from modelyard.server.stats import ModelStats
 from modelyard.server.types import InferRequest, InferResponse
@@ -55,6 +56,16 @@ class ModelVersion:
         self.pool: InstancePool | None = None
         self.scheduler: Scheduler | None = None
         self._labels = (self.name, self.version)
+        # Metric children resolved once: labels() costs a lock and a dict lookup per call.
+        m, lb = metrics, self._labels
+        self._m_ok = m.requests.labels(*lb, "OK")
+        self._m_latency = m.request_latency.labels(*lb)
+        self._m_inflight = m.inflight.labels(self.name)
+        self._m_batch = m.batch_size.labels(*lb)
+        self._m_compute = m.compute_latency.labels(*lb)
+        self._m_queue = m.queue_latency.labels(*lb)
+        # decoupled models answer with a stream: nothing single to cache
+        self.cache = ResponseCache(config.response_cache) if config.response_cache.enable and not config.decoupled else None
 
     # ----------------------------------------------------------------- lifecycle
     async def load(self) -> None:
@@ -66,7 +77,12 @@ class ModelVersion:
         instances: list[Instance] = []
         try:
             for i, device in enumerate(devices):
-                runtime = cls(self.config, self.path, device)
+                if self.config.execution == "process":
+                    from modelyard.server.process_worker import ProcessRuntime
+
+                    runtime: Runtime = ProcessRuntime(self.config, self.path, device)
+                else:
+                    runtime = cls(self.config, self.path, device)
                 inst_name = f"{self.name}_v{self.version}_{i}"
                 busy = self.metrics.instance_busy.labels(self.name, self.version, str(i))
                 inst = Instance(inst_name, runtime, busy.inc)
@@ -78,6 +94,8 @@ class ModelVersion:
             raise
         self.pool = InstancePool(instances)
         self.scheduler = build_scheduler(self.config, self.pool, self._observe_batch)
+        scheduler = self.scheduler
+        self.metrics.queue_depth.labels(*self._labels).set_function(lambda: scheduler.queue_depth())
         load_s = time.perf_counter() - t0
         self.metrics.load_seconds.labels(*self._labels).set(load_s)
         t1 = time.perf_counter()
@@ -126,19 +144,21 @@ class ModelVersion:
             raise Overloaded(f"model '{self.name}' has {self.inflight} requests in flight (max_concurrency {limit})")
         self.inflight += 1
         self._idle.clear()
-        self.metrics.inflight.labels(self.name).inc()
+        self._m_inflight.inc()
 
     def _leave(self) -> None:
         self.inflight -= 1
-        self.metrics.inflight.labels(self.name).dec()
+        self._m_inflight.dec()
         if self.inflight == 0:
             self._idle.set()
 
     def _finish(self, t0: int, error: BaseException | None) -> None:
         total = time.perf_counter_ns() - t0
-        status = "OK" if error is None else as_modelyard_error(error).code.name
-        self.metrics.requests.labels(self.name, self.version, status).inc()
-        self.metrics.request_latency.labels(*self._labels).observe(total / 1e9)
+        if error is None:
+            self._m_ok.inc()
+        else:
+            self.metrics.requests.labels(*self._labels, as_modelyard_error(error).code.name).inc()
+        self._m_latency.observe(total / 1e9)
         self.stats.request_done(error is None, total)
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -149,7 +169,10 @@ class ModelVersion:
         try:
             validate_request(self.config, request)
             assert self.scheduler is not None
-            response = await self.scheduler.infer(request)
+            if self.cache is None:
+                response = await self.scheduler.infer(request)
+            else:
+                response = await self._cached_infer(request)
             return self._shape_response(request, response)
         except BaseException as exc:
             error = exc
@@ -157,6 +180,22 @@ class ModelVersion:
         finally:
             self._finish(t0, error)
             self._leave()
+
+    async def _cached_infer(self, request: InferRequest) -> InferResponse:
+        assert self.cache is not None and self.scheduler is not None
+        t0 = time.perf_counter_ns()
+        key = request_key(request, self.name, self.version)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.metrics.cache_hits.labels(*self._labels).inc()
+            self.stats.cache(True, time.perf_counter_ns() - t0)
+            return hit
+        self.metrics.cache_misses.labels(*self._labels).inc()
+        self.stats.cache(False, time.perf_counter_ns() - t0)
+        # errors propagate before put: they are never cached
+        response = await self.scheduler.infer(request)
+        self.cache.put(key, response)
+        return response
 
     async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         """Responses of one request; many for decoupled models."""
@@ -170,7 +209,8 @@ class ModelVersion:
                 async for resp in self.scheduler.stream(request):
                     yield self._shape_response(request, resp)
             else:
-                yield self._shape_response(request, await self.scheduler.infer(request))
+                resp = await (self.scheduler.infer(request) if self.cache is None else self._cached_infer(request))
+                yield self._shape_response(request, resp)
         except BaseException as exc:
             error = exc
             raise
@@ -181,18 +221,17 @@ class ModelVersion:
     def _shape_response(self, request: InferRequest, response: InferResponse) -> InferResponse:
         if isinstance(response, ModelyardError):
             raise response
-        response.model = self.name
-        response.version = self.version
-        response.id = request.id
+        # A new object: the response may be shared (response cache), so never mutate it.
+        outputs = response.outputs
         if request.outputs is not None:
-            response.outputs = {k: v for k, v in response.outputs.items() if k in request.outputs}
-        return response
+            outputs = {k: v for k, v in outputs.items() if k in request.outputs}
+        return InferResponse(outputs=outputs, parameters=response.parameters, model=self.name,
+                             version=self.version, id=request.id, final=response.final)
 
     def _observe_batch(self, size: int, queue_ns: list[int], compute_ns: int, instance: str) -> None:
-        labels = self._labels
-        self.metrics.batch_size.labels(*labels).observe(size)
-        self.metrics.compute_latency.labels(*labels).observe(compute_ns / 1e9)
-        q = self.metrics.queue_latency.labels(*labels)
+        self._m_batch.observe(size)
+        self._m_compute.observe(compute_ns / 1e9)
+        q = self._m_queue
         for ns in queue_ns:
             q.observe(ns / 1e9)
             self.stats.queue.add(ns)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 
-from modelyard.server.errors import DeadlineExceeded, ModelyardError
-from modelyard.server.instances import InstancePool
+from modelyard.server.errors import DeadlineExceeded
+from modelyard.server.instances import Instance, InstancePool
+from modelyard.server.runtimes.base import Result
 from modelyard.server.types import InferRequest, InferResponse
 
 #: called once per executed batch: (batch size, queue ns of each request, compute ns, instance name)
@@ -54,21 +55,24 @@ class Scheduler:
 
 
 class DirectScheduler(Scheduler):
-    """One request per execution, on whichever instance is idle first."""
+    """One request per execution, queued on the instance with the fewest outstanding jobs."""
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        if request.deadline is not None and request.deadline <= time.monotonic():
+            raise DeadlineExceeded("request deadline passed before it reached an instance")
+        inst = min(self.pool.instances, key=lambda i: i.outstanding)
         t0 = time.perf_counter_ns()
-        inst = await self._acquire(request)
-        queue_ns = time.perf_counter_ns() - t0
-        try:
-            results, compute_ns = await inst.execute([request])
-        finally:
-            self.pool.release(inst)
+        results, compute_ns = await inst.call(_run_one, inst, request)
         if self.observer is not None:
-            self.observer(1, [queue_ns], compute_ns, inst.name)
+            self.observer(1, [max(0, time.perf_counter_ns() - t0 - compute_ns)], compute_ns, inst.name)
         result = results[0]
-        if isinstance(result, ModelyardError):
-            raise result
         if isinstance(result, BaseException):
             raise result
         return result
+
+
+def _run_one(inst: Instance, request: InferRequest) -> tuple[list[Result], int]:
+    """Instance-thread side: a request whose deadline passed while queued is never computed."""
+    if request.deadline is not None and request.deadline <= time.monotonic():
+        return [DeadlineExceeded("request deadline passed while queued for a model instance")], 0
+    return inst._execute([request])

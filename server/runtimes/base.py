@@ -59,6 +59,8 @@ class Runtime:
 #: backend name -> "module:Class" (imported lazily so torch is only imported when used)
 BACKENDS: dict[str, str] = {
     "python": "modelyard.server.runtimes.python:PythonRuntime",
+    "transformers": "modelyard.server.runtimes.transformers:TransformersRuntime",
+    "torchscript": "modelyard.server.runtimes.torchscript:TorchScriptRuntime",
 }
 
 

@@ -1,0 +1,291 @@
+"""``modelyard infer | models | health | bench``: the client side of the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from rich.console import Console
+
+from modelyard.clients.aio import AsyncInferenceClient
+from modelyard.clients.bench import run_bench
+from modelyard.clients.channel import DEFAULT_URL
+from modelyard.clients.client import InferenceClient
+from modelyard.clients.errors import InferenceServerError
+from modelyard.clients.inputs import (
+    ANY,
+    InputError,
+    TensorSpec,
+    normalize_datatype,
+    parse_input,
+    split_assignment,
+)
+from modelyard.clients.render import (
+    bench_table,
+    health_summary,
+    health_table,
+    index_table,
+    print_json,
+    result_dict,
+    result_table,
+    stream_table,
+)
+from modelyard.protos import grpc_service_pb2 as pb
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# ---------------------------------------------------------------------- shared plumbing
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+def _fail(message: str, code: int) -> int:
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    return code
+
+
+def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Errors become one line on stderr and an exit status, never a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except InferenceServerError as exc:
+            return _fail(f"{exc.code.name}: {exc.message or 'no details'} ({args.url})", EXIT_FAILED)
+        except InputError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+        except KeyboardInterrupt:
+            return _fail("interrupted", 130)
+
+    return run
+
+
+def _client(args: argparse.Namespace) -> InferenceClient:
+    return InferenceClient(args.url, ssl=args.ssl, token=args.token)
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=DEFAULT_URL, metavar="HOST:PORT",
+                   help=f"gRPC address of the server or balancer (default {DEFAULT_URL})")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="deadline for each call in seconds (default 30)")
+    p.add_argument("--ssl", action="store_true", help="connect with TLS using the system's root certificates")
+    p.add_argument("--token", metavar="TOKEN", help="bearer token sent as 'authorization: Bearer TOKEN' metadata")
+
+
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="model name")
+    p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|@file.npy",
+                   help="an input tensor: JSON (number, \"string\", nested list) or @path to a .npy file; "
+                        "converted to the datatype and shape the model declares (repeatable)")
+    p.add_argument("--datatype", "-d", action="append", default=[], metavar="NAME=TYPE",
+                   help="override an input's datatype (FP32, INT64, BYTES...), e.g. for models that accept ANY (repeatable)")
+    p.add_argument("--version", default="", metavar="V", help="model version (default: the server's choice, the highest)")
+
+
+def _input_specs(metadata: pb.ModelMetadataResponse) -> dict[str, TensorSpec]:
+    specs = {}
+    for t in metadata.inputs:
+        shape = tuple(int(d) for d in t.shape)
+        # A lone -1 is how the server says "any shape" (dims not declared).
+        declared = None if shape in ((-1,), (-1, -1)) and t.datatype == ANY else shape or None
+        specs[t.name] = TensorSpec(t.name, t.datatype or ANY, declared)
+    return specs
+
+
+def _build_inputs(args: argparse.Namespace, metadata: pb.ModelMetadataResponse) -> dict[str, np.ndarray]:
+    if not args.input:
+        raise InputError(f"give at least one --input; {metadata.name} takes: "
+                         + ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in metadata.inputs))
+    specs = _input_specs(metadata)
+    datatypes = {}
+    for text in args.datatype:
+        name, dt = split_assignment(text, "--datatype")
+        datatypes[name] = normalize_datatype(dt)
+    inputs: dict[str, np.ndarray] = {}
+    for text in args.input:
+        name, _ = split_assignment(text)
+        if specs and name not in specs:
+            raise InputError(f"model '{metadata.name}' has no input '{name}'; its inputs: {', '.join(specs)}")
+        name, arr = parse_input(text, specs.get(name), datatypes.get(name))
+        inputs[name] = arr
+    return inputs
+
+
+# ---------------------------------------------------------------------- infer
+@_guarded
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Send one request (or one streamed request) and print the outputs."""
+    console = _console()
+    with _client(args) as client:
+        metadata = client.model_metadata(args.model, args.version, timeout=args.timeout)
+        inputs = _build_inputs(args, metadata)
+        kwargs: dict[str, Any] = {
+            "outputs": args.output or None, "version": args.version, "request_id": args.id, "timeout": args.timeout,
+        }
+        if not args.stream:
+            result = client.infer(args.model, inputs, **kwargs)
+            if args.json:
+                print_json(result_dict(result))
+            else:
+                console.print(result_table(result))
+            return EXIT_OK
+        results = []
+        for result in client.stream_infer(args.model, inputs, **kwargs):
+            results.append(result)
+            if args.json:
+                print_json(result_dict(result))  # JSON lines, as they arrive
+        if not args.json:
+            console.print(stream_table(args.model, results))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- models
+@_guarded
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the repository index."""
+    with _client(args) as client:
+        models = client.repository_index(ready=args.ready, timeout=args.timeout)
+    if args.json:
+        print_json([{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in models])
+    else:
+        _console().print(index_table(models))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- health
+def _health_of(client: InferenceClient, service: str, timeout: float) -> str:
+    try:
+        return client.health(service, timeout=timeout)
+    except InferenceServerError as exc:
+        if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+            return "SERVICE_UNKNOWN"
+        raise
+
+
+@_guarded
+def cmd_health(args: argparse.Namespace) -> int:
+    """Liveness, readiness, per-model readiness and grpc.health.v1 status; exit 1 unless ready."""
+    with _client(args) as client:
+        live = client.is_server_live(timeout=args.timeout)
+        ready = client.is_server_ready(timeout=args.timeout)
+        server_health = _health_of(client, "", args.timeout)
+        names = args.model or list(dict.fromkeys(m.name for m in client.repository_index(timeout=args.timeout)))
+        models = [
+            (name, client.is_model_ready(name, timeout=args.timeout), _health_of(client, name, args.timeout))
+            for name in names
+        ]
+    healthy = live and ready and all(ok for _, ok, _ in models if args.model)
+    if args.json:
+        print_json({
+            "live": live, "ready": ready, "health": server_health,
+            "models": [{"name": n, "ready": ok, "health": h} for n, ok, h in models],
+        })
+    else:
+        console = _console()
+        console.print(health_summary(live, ready, server_health))
+        if models:
+            console.print(health_table(models))
+    return EXIT_OK if healthy else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------- bench
+async def _bench(args: argparse.Namespace) -> int:
+    console = _console()
+    async with AsyncInferenceClient(args.url, ssl=args.ssl, token=args.token) as client:
+        metadata = await client.model_metadata(args.model, args.version, timeout=args.timeout)
+        inputs = _build_inputs(args, metadata)
+        requests = args.requests if args.requests is not None or args.duration is not None else 1000
+        report = await run_bench(
+            client, args.model, inputs, concurrency=args.concurrency, requests=requests,
+            duration=args.duration, version=args.version, request_timeout=args.timeout,
+        )
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        console.print(bench_table(report))
+    return EXIT_OK if report.count > report.error_count else EXIT_FAILED
+
+
+@_guarded
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Closed-loop load with the asyncio client; prints throughput and latency percentiles."""
+    if args.concurrency < 1:
+        raise InputError("-c/--concurrency must be at least 1")
+    if args.requests is not None and args.requests < 1:
+        raise InputError("-n/--requests must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        raise InputError("--duration must be positive")
+    return asyncio.run(_bench(args))
+
+
+# ---------------------------------------------------------------------- registration
+def register(subparsers: Any) -> None:
+    """Add ``infer``, ``models``, ``health`` and ``bench`` to the ``modelyard`` command."""
+    p = subparsers.add_parser(
+        "infer", help="send an inference request and print the outputs",
+        description="Send one request to MODEL. Inputs are converted to the datatype and shape the model's "
+                    "metadata declares. Example: modelyard infer add_sub -i INPUT0=[1,2,3,4] -i INPUT1=[1,1,1,1]",
+    )
+    _add_input_flags(p)
+    p.add_argument("--output", "-o", action="append", default=[], metavar="NAME",
+                   help="only return this output (repeatable; default: all outputs)")
+    p.add_argument("--id", default="", help="request id, echoed in the response")
+    p.add_argument("--stream", action="store_true",
+                   help="use ModelStreamInfer and print every response (for decoupled/streaming models)")
+    p.add_argument("--json", action="store_true", help="print JSON (one line per response) instead of a table")
+    _add_connection_flags(p)
+    p.set_defaults(func=cmd_infer)
+
+    p = subparsers.add_parser("models", help="list the model repository (name, version, state, reason)",
+                              description="List every model in the server's repository and the state of each version.")
+    p.add_argument("--ready", action="store_true", help="list ready models only")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_connection_flags(p)
+    p.set_defaults(func=cmd_models)
+
+    p = subparsers.add_parser(
+        "health", help="check server liveness/readiness and each model's health",
+        description="Show server live/ready, grpc.health.v1 status and per-model readiness. "
+                    "Exits 1 when the server (or a model named with --model) is not ready.",
+    )
+    p.add_argument("--model", "-m", action="append", default=[], metavar="NAME",
+                   help="check only this model, and require it to be ready (repeatable; default: every model)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_connection_flags(p)
+    p.set_defaults(func=cmd_health)
+
+    p = subparsers.add_parser(
+        "bench", help="closed-loop load test: throughput and latency percentiles",
+        description="Send requests from CONCURRENCY workers, each sending its next request as soon as the "
+                    "previous one returns, until -n requests were sent or --duration passed "
+                    "(default: 1000 requests).",
+    )
+    _add_input_flags(p)
+    p.add_argument("-c", "--concurrency", type=int, default=1, help="requests in flight at once (default 1)")
+    p.add_argument("-n", "--requests", type=int, default=None, help="stop after this many requests")
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after this many seconds")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_connection_flags(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one client subcommand (``python -m modelyard.clients.commands infer ...``)."""
+    parser = argparse.ArgumentParser(prog="modelyard")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["cmd_bench", "cmd_health", "cmd_infer", "cmd_models", "register"]
