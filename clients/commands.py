@@ -93,9 +93,7 @@ def _input_specs(metadata: pb.ModelMetadataResponse) -> dict[str, TensorSpec]:
     specs = {}
     for t in metadata.inputs:
         shape = tuple(int(d) for d in t.shape)
-        # A lone -1 is how the server says "any shape" (dims not declared).
-        declared = None if shape in ((-1,), (-1, -1)) and t.datatype == ANY else shape or None
-        specs[t.name] = TensorSpec(t.name, t.datatype or ANY, declared)
+        specs[t.name] = TensorSpec(t.name, t.datatype or ANY, shape or None)
     return specs
 
 

@@ -111,11 +111,18 @@ def _convert(name: str, leaves: list[Any], datatype: str) -> np.ndarray:
 
 
 def fit_shape(name: str, arr: np.ndarray, declared: Sequence[int] | None) -> np.ndarray:
-    """Reshape ``arr`` to the declared shape; -1 dims take what the data needs, leading ones 1."""
+    """Reshape ``arr`` to the declared shape; -1 dims take what the data needs, leading ones 1.
+
+    Only adds or fills dimensions: data with more dimensions than an all-variable shape is left
+    for the server to judge.
+    """
     if declared is None:
         return arr
     dims = [int(d) for d in declared]
     if len(dims) == arr.ndim and all(d in (-1, n) for d, n in zip(dims, arr.shape, strict=True)):
+        return arr
+    if all(d < 0 for d in dims) and arr.ndim >= len(dims):
+        # All-variable dims may mean "not declared" (the server reports those as [-1]): never flatten.
         return arr
     fixed = element_count([d for d in dims if d >= 0])
     variable = [i for i, d in enumerate(dims) if d < 0]

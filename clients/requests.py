@@ -39,7 +39,7 @@ def parameter_value(param: pb.InferParameter) -> ParamValue | None:
     return getattr(param, which) if which else None
 
 
-def _as_array(name: str, value: object) -> np.ndarray:
+def _as_array(value: object) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if isinstance(value, (str, bytes)):
@@ -62,7 +62,7 @@ def build_infer_request(
     """A request whose inputs travel as ``raw_input_contents``, one entry per input in order."""
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for name, value in inputs.items():
-        arr = _as_array(name, value)
+        arr = _as_array(value)
         request.inputs.add(name=name, datatype=datatype_of(arr), shape=arr.shape)
         request.raw_input_contents.append(to_raw(arr))
     for name in outputs or ():

@@ -18,7 +18,10 @@ FINAL_RESPONSE_PARAM = "triton_final_response"
 
 @dataclass(slots=True)
 class InferResult:
-    """One inference response: outputs as numpy arrays (BYTES as object arrays of ``bytes``)."""
+    """One inference response: outputs as numpy arrays (BYTES as object arrays of ``bytes``).
+
+    Numeric outputs are read-only views of the response bytes; ``.copy()`` one to modify it.
+    """
 
     model: str
     version: str

@@ -58,14 +58,21 @@ class TensorError(ValueError):
     """A tensor that cannot be decoded; the message names the tensor and the problem."""
 
 
+#: numpy dtype (either byte order) -> protocol datatype; a dict hit on the hot path
+_NAME_OF: dict[np.dtype[Any], str] = {}
+for _name, _dt in DTYPES.items():
+    if _name != "BYTES":
+        _NAME_OF[_dt] = _NAME_OF[_dt.newbyteorder(">")] = _name
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The protocol datatype name for a numpy array."""
     kind = array.dtype
+    name = _NAME_OF.get(kind)
+    if name is not None:
+        return name
     if kind.kind in ("O", "S", "U"):
         return "BYTES"
-    for name, dt in DTYPES.items():
-        if name != "BYTES" and dt == kind.newbyteorder("<"):
-            return name
     raise TensorError(f"numpy dtype {kind} has no Open Inference Protocol datatype")
 
 

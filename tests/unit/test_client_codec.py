@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from modelyard.clients.bench import percentile
+from modelyard.clients.channel import make_settings
 from modelyard.clients.demo import parse_ready_line
 from modelyard.clients.errors import InferenceServerError
 from modelyard.clients.inputs import InputError, TensorSpec, fit_shape, normalize_datatype, parse_input
@@ -104,6 +105,18 @@ def test_fit_shape_keeps_matching_arrays_and_fills_variable_dims() -> None:
     assert fit_shape("X", arr, (-1, 3)) is arr
     assert fit_shape("X", np.zeros(6), (-1, 3)).shape == (2, 3)
     assert fit_shape("X", np.zeros(6), None).shape == (6,)
+    assert fit_shape("X", np.zeros(()), (-1,)).shape == (1,)
+    # an all-variable shape may mean "undeclared": never flattened
+    assert fit_shape("X", np.zeros((2, 2)), (-1,)).shape == (2, 2)
+
+
+def test_bearer_token_headers_and_message_limits_go_into_channel_settings() -> None:
+    settings = make_settings("grpc://127.0.0.1:1/", token="s3cret", headers={"X-Tenant": "a"})
+    assert settings.target == "127.0.0.1:1"
+    assert ("authorization", "Bearer s3cret") in settings.metadata()
+    assert ("x-tenant", "a") in settings.metadata()
+    assert ("grpc.max_receive_message_length", 64 * 1024 * 1024) in settings.channel_options()
+    assert ("grpc.max_send_message_length", 64 * 1024 * 1024) in settings.channel_options()
 
 
 def test_request_uses_raw_contents_and_result_decodes_them() -> None:

@@ -137,13 +137,3 @@ def test_unreachable_server_is_unavailable() -> None:
         client.is_server_live(timeout=5)
     assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
-
-def test_bearer_token_and_headers_are_sent_as_metadata() -> None:
-    client = InferenceClient("grpc://127.0.0.1:1/", token="s3cret", headers={"X-Tenant": "a"})
-    try:
-        assert client.settings.target == "127.0.0.1:1"
-        assert ("authorization", "Bearer s3cret") in client.settings.metadata()
-        assert ("x-tenant", "a") in client.settings.metadata()
-        assert ("grpc.max_receive_message_length", 64 * 1024 * 1024) in client.settings.channel_options()
-    finally:
-        client.close()
