@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 import grpc
+
 from modelyard.balancer.admin import build_admin_app
 from modelyard.balancer.clock import MONOTONIC, Clock
 from modelyard.balancer.config import BalancerConfig, config_to_dict

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from modelyard.balancer.outlier import OutlierConfig
 from modelyard.balancer.pickers import PICKERS
 from modelyard.balancer.retry import RetryConfig

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from modelyard.balancer.config import DnsConfig
 from modelyard.balancer.metrics import Stats
 from modelyard.balancer.pool import Pool

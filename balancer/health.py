@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2
+
 from modelyard.balancer.endpoint import Health
 from modelyard.balancer.metrics import Stats
 from modelyard.balancer.pool import Pool

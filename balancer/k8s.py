@@ -82,7 +82,7 @@ class EndpointSliceSource:
                         async for line in r.content:
                             if line.strip():
                                 self.apply_event(json.loads(line))
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+                except (TimeoutError, aiohttp.ClientError, ValueError, KeyError) as exc:
                     self.stats.count(self.pool.name, "discovery_k8s_errors")
                     log.warning("EndpointSlice watch for %s: %s (keeping the previous list)", self.cfg.service, exc)
                 await asyncio.sleep(1.0)  # relist after a closed or failed watch

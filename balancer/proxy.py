@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+
 from modelyard.balancer.clock import MONOTONIC, Clock
 from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome
 from modelyard.balancer.pool import Pool

@@ -430,15 +430,15 @@ def to_proto(cfg: ModelConfig) -> mc.ModelConfig:
         msg.parameters[key].string_value = str(value)
     for sample in cfg.model_warmup:
         w = msg.model_warmup.add(name=sample.name, batch_size=sample.batch_size, count=sample.count)
-        for iname, spec in sample.inputs.items():
+        for iname, wspec in sample.inputs.items():
             wi = w.inputs[iname]
-            dt = str(spec.get("data_type", spec.get("datatype", "FP32"))).upper()
+            dt = str(wspec.get("data_type", wspec.get("datatype", "FP32"))).upper()
             wi.data_type = _proto_dtype(CONFIG_TYPES.get(dt, dt))
-            wi.dims.extend(int(d) for d in spec.get("dims", []))
-            if spec.get("random_data"):
+            wi.dims.extend(int(d) for d in wspec.get("dims", []))
+            if wspec.get("random_data"):
                 wi.random_data = True
-            elif spec.get("input_data_file"):
-                wi.input_data_file = str(spec["input_data_file"])
+            elif wspec.get("input_data_file"):
+                wi.input_data_file = str(wspec["input_data_file"])
             else:
                 wi.zero_data = True
     msg.model_transaction_policy.decoupled = cfg.decoupled

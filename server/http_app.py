@@ -31,7 +31,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: where an aiohttp app finds its collaborators
 REPO_KEY = web.AppKey("repository", ModelRepository)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
-READY_KEY = web.AppKey("is_ready", Callable[[], bool])  # type: ignore[arg-type]
+READY_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("is_ready")
 
 
 def error_json(status: int, message: str) -> web.Response:

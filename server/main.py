@@ -28,6 +28,7 @@ from modelyard.server.demo_models import DEMO_REPOSITORY
 from modelyard.server.grpc_service import InferenceServicer, add_inference_service
 from modelyard.server.http_app import build_app
 from modelyard.server.metrics import ServerMetrics
+from modelyard.server.openai_api import add_openai_routes
 from modelyard.server.repository import ModelRepository
 
 log = logging.getLogger("modelyard.server")
@@ -146,6 +147,7 @@ class ModelServer:
         await server.start()
         self._grpc = server
         app = build_app(self.repository, self.metrics, self.is_ready, s.max_message_bytes)
+        add_openai_routes(app)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         site = web.TCPSite(self._http, s.host, s.http_port)

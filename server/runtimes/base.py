@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from modelyard.server.config import ModelConfig
 from modelyard.server.errors import ConfigError
 from modelyard.server.types import InferRequest, InferResponse
 
 #: what execute() returns per request: a response, or the exception that request failed with
-Result = InferResponse | BaseException
+Result: TypeAlias = InferResponse | BaseException
 
 
 class Runtime:

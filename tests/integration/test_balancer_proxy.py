@@ -122,7 +122,7 @@ async def channel(b: Balancer) -> AsyncIterator[grpc.aio.Channel]:
         await ch.close()
 
 
-async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:  # noqa: ASYNC109
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -303,7 +303,7 @@ async def test_garbage_and_non_grpc_requests_are_rejected_and_serving_continues(
 
 async def test_upstream_reset_mid_stream_gives_unavailable_not_a_hang() -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HARNESS), "echo", "--port", str(port), "--delay-ms", "60000"])
+    proc = subprocess.Popen([sys.executable, str(HARNESS)  # noqa: ASYNC220, "echo", "--port", str(port), "--delay-ms", "60000"])
     try:
         async with balancer({"p": pool_of(f"127.0.0.1:{port}", health_check={"enabled": False})}) as b, \
                 channel(b) as ch:

@@ -39,7 +39,7 @@ class BalancerProcess:
     """``modelyard balance --config`` in a subprocess; ``port`` / ``admin`` once listening."""
 
     def __init__(self, config: dict[str, Any], timeout: float = 30.0) -> None:
-        self.cfg_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)  # noqa: SIM115
+        self.cfg_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
         yaml.safe_dump(config, self.cfg_file)
         self.cfg_file.close()
         self.proc = subprocess.Popen([sys.executable, "-m", "modelyard.clients.cli", "balance", "--config",

@@ -34,6 +34,8 @@ async def test_endpointslice_list_then_watch_updates_the_pool() -> None:
         await resp.prepare(request)
         while True:
             ev = await events.get()
+            if ev["type"] == "END":
+                return resp
             await resp.write(json.dumps(ev).encode() + b"\n")
 
     app = web.Application()
@@ -66,6 +68,7 @@ async def test_endpointslice_list_then_watch_updates_the_pool() -> None:
         await events.put({"type": "DELETED", "object": eslice("s1", [])})
         await until(set())
     finally:
+        await events.put({"type": "END"})
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 
@@ -10,7 +11,14 @@ import pytest
 from modelyard.balancer.clock import FakeClock
 from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome, Snapshot
 from modelyard.balancer.load import PeakEwma as PeakEwmaLoad
-from modelyard.balancer.pickers import PICKERS, LeastConn, PeakEwma, RandomPicker, RoundRobin, WeightedRoundRobin
+from modelyard.balancer.pickers import (
+    PICKERS,
+    LeastConn,
+    PeakEwma,
+    RandomPicker,
+    RoundRobin,
+    WeightedRoundRobin,
+)
 
 
 def snap(*eps: Endpoint, version: int = 1) -> Snapshot:
@@ -53,7 +61,7 @@ def test_weighted_round_robin_is_smooth_and_proportional() -> None:
     seq = [wrr.pick(snap(a, b)) for _ in range(8)]
     assert seq.count(a) == 6 and seq.count(b) == 2
     # smooth: b is not picked twice in a row
-    assert all(not (x is b and y is b) for x, y in zip(seq, seq[1:], strict=False))
+    assert all(not (x is b and y is b) for x, y in itertools.pairwise(seq))
 
 
 def test_random_respects_weights() -> None:
