@@ -23,14 +23,19 @@ from modelyard.server.types import InferRequest, InferResponse
 _END = object()
 
 
-def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
-    if not fut.done():
-        fut.set_result(result)
+def _settle_all(items: list[tuple[Any, asyncio.Future[Any], bool, Any]]) -> None:
+    for _, fut, ok, value in items:
+        if not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
 
 
-def _reject(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+#: a job slower than this hands its result back at once (ns)
+FLUSH_AFTER_NS = 50_000
+#: never hold more than this many finished results
+FLUSH_MAX_JOBS = 32
 
 
 class Instance:
@@ -47,19 +52,41 @@ class Instance:
         self._thread.start()
 
     def _work(self) -> None:
+        # Results of cheap jobs are handed back in groups: one loop wake-up (call_soon_threadsafe)
+        # for all the jobs finished while more were queued, instead of one per job. A job that
+        # took longer than FLUSH_AFTER_NS, or an empty queue, flushes at once, so nothing waits
+        # behind a slow job.
+        pending: list[tuple[Any, asyncio.Future[Any], bool, Any]] = []
+        jobs = self._jobs
         while True:
-            job = self._jobs.get()
+            if pending and jobs.empty():
+                self._flush(pending)
+                pending = []
+            job = jobs.get()
             if job is None:
+                if pending:
+                    self._flush(pending)
                 return
             loop, fut, fn, args = job
             if fut.cancelled():  # the caller went away while this job was queued: never compute it
                 continue
+            t0 = time.perf_counter_ns()
             try:
-                result = fn(*args)
+                pending.append((loop, fut, True, fn(*args)))
             except BaseException as exc:
-                loop.call_soon_threadsafe(_reject, fut, exc)
-            else:
-                loop.call_soon_threadsafe(_resolve, fut, result)
+                pending.append((loop, fut, False, exc))
+            if len(pending) >= FLUSH_MAX_JOBS or time.perf_counter_ns() - t0 > FLUSH_AFTER_NS:
+                self._flush(pending)
+                pending = []
+
+    @staticmethod
+    def _flush(pending: list[tuple[Any, asyncio.Future[Any], bool, Any]]) -> None:
+        loop = pending[0][0]
+        if all(item[0] is loop for item in pending):
+            loop.call_soon_threadsafe(_settle_all, pending)
+        else:  # jobs from several loops (tests): one wake-up per loop item
+            for item in pending:
+                item[0].call_soon_threadsafe(_settle_all, [item])
 
     def _job_done(self, _: asyncio.Future[Any]) -> None:
         self.outstanding -= 1
