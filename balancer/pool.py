@@ -198,7 +198,9 @@ class Pool:
         if outcome is Outcome.FAILURE:
             ep.failures += 1
         self.picker.on_done(ep, outcome, latency)
-        if self.outlier.record(ep, outcome, self.clock.now(), tuple(self.endpoints.values())):
+        if outcome is not Outcome.FAILURE:
+            ep.consecutive_failures = 0  # what outlier.record does on success, without its call
+        elif self.outlier.record(ep, outcome, self.clock.now(), tuple(self.endpoints.values())):
             self.stats.count(self.name, "ejections")
             self.rebuild()
         if ep.draining and ep.outstanding == 0 and ep in self._retired:

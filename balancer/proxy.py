@@ -38,7 +38,7 @@ FAILURE_CODES = frozenset({
 _HOP_HEADERS = frozenset({
     "user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
     "grpc-message-type", "host", ":authority", ":path", ":method", ":scheme", "connection",
-    "accept-encoding", "grpc-status", "grpc-message", "lb-token",
+    "accept-encoding", "grpc-status", "grpc-message", "lb-token", "content-length",
 })
 
 
@@ -135,7 +135,8 @@ class Proxy(grpc.GenericRpcHandler):
                                 f"pool '{pool.name}' is over its max_requests ({cb.max_requests})")
         timeout = self._timeout(pool, context)
         deadline = None if timeout is None else self.clock.now() + timeout
-        md = _clean_metadata(context.invocation_metadata())
+        # None, not (), when empty: grpc.aio then skips its per-call tuple -> Metadata conversion
+        md = _clean_metadata(context.invocation_metadata()) or None
         pool.budget.deposit()
         rcfg = pool.config.retry
         picker = pool.picker
@@ -156,7 +157,7 @@ class Proxy(grpc.GenericRpcHandler):
                 if up is None:  # retired between snapshot and pick
                     exclude = ep
                     continue
-                pending = up.connecting()
+                pending = not up.ready and up.connecting()
                 if pending:
                     if pool.pending >= cb.max_pending:
                         stats.count(pool.name, "circuit_open_pending")
@@ -196,6 +197,7 @@ class Proxy(grpc.GenericRpcHandler):
                             if delay > 0:
                                 await asyncio.sleep(delay)
                             continue
+                    up.ready = False  # re-check connectivity for max_pending from now on
                     stats.observe_latency(pool.name, now() - start)
                     im = err.initial_metadata()
                     if im:
@@ -254,7 +256,8 @@ class Proxy(grpc.GenericRpcHandler):
         if up is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint {ep.address} of pool '{pool.name}' went away")
         timeout = self._timeout(pool, context)
-        md = _clean_metadata(context.invocation_metadata())
+        # None, not (), when empty: grpc.aio then skips its per-call tuple -> Metadata conversion
+        md = _clean_metadata(context.invocation_metadata()) or None
         now = self.clock.now
         t0 = now()
         call = up.stream(method)(timeout=timeout, metadata=md)

@@ -27,7 +27,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 class Upstream:
     """``channels`` channels to one address; multicallables are cached per method and rotated."""
 
-    __slots__ = ("_i", "_stream", "_unary", "address", "channels")
+    __slots__ = ("_i", "_stream", "_unary", "address", "channels", "ready")
 
     def __init__(self, address: str, channels: int, max_message_bytes: int) -> None:
         self.address = address
@@ -36,6 +36,9 @@ class Upstream:
         self._unary: dict[str, list[Callable[..., Any]]] = {}
         self._stream: dict[str, list[Callable[..., Any]]] = {}
         self._i = 0
+        #: a channel was READY at the last check; the proxy then skips the per-call state check
+        #: until an attempt fails (checking every channel's state per call costs ~1% of a core)
+        self.ready = False
 
     def unary(self, method: str) -> Callable[..., Any]:
         """A unary-unary callable taking and returning bytes, on the next channel."""
@@ -56,7 +59,9 @@ class Upstream:
 
     def connecting(self) -> bool:
         """True when no channel is READY yet (requests sent now wait for a connection)."""
-        return all(ch.get_state(False) != grpc.ChannelConnectivity.READY for ch in self.channels)
+        ready = any(ch.get_state(False) is grpc.ChannelConnectivity.READY for ch in self.channels)
+        self.ready = ready
+        return not ready
 
     async def close(self, grace: float | None = None) -> None:
         for ch in self.channels:

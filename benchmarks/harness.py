@@ -199,11 +199,13 @@ def h2load_available() -> bool:
 def run_h2load(port: int, path: str, frame_file: Path, clients: int, requests: int | None = None,
                duration: float | None = None, streams: int = 1, threads: int = 1,
                warmup: float | None = None, timeout: float = 120.0,
-               log_file: Path | None = None) -> dict[str, Any]:
+               log_file: Path | None = None, rps: int | None = None) -> dict[str, Any]:
     """Drive ``POST path`` over h2c with a pre-framed gRPC body; parse the summary.
 
     Each client is one HTTP/2 connection with ``streams`` concurrent streams (``-m``).
-    With ``log_file``, h2load logs every request and p50/p90/p99/p99.9 (ms) are added.
+    With ``rps``, each client sends at most that many requests per second (``--rps``), so the
+    offered load is bounded by ``clients * rps`` instead of by how fast the target answers.
+    With ``log_file``, h2load logs every request; p50/p90/p99/p99.9 and the samples (``latencies_ms``) are added.
     """
     args = ["h2load", "-c", str(clients), "-m", str(streams), "-t", str(min(threads, clients)),
             "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers"]
@@ -214,6 +216,8 @@ def run_h2load(port: int, path: str, frame_file: Path, clients: int, requests: i
             args += ["--warm-up-time", f"{int(warmup * 1000)}ms"]
     else:
         args += ["-n", str(requests or clients * 100)]
+    if rps is not None:
+        args.append(f"--rps={rps}")
     if log_file is not None:
         args.append(f"--log-file={log_file}")
     args.append(f"http://127.0.0.1:{port}{path}")
@@ -223,6 +227,7 @@ def run_h2load(port: int, path: str, frame_file: Path, clients: int, requests: i
         # columns: start (us since epoch), HTTP status, request duration (us)
         lat = [int(line.split("\t")[2]) / 1e3 for line in log_file.read_text().splitlines() if line.count("\t") >= 2]
         res.update(percentiles(lat))
+        res["latencies_ms"] = lat
         log_file.unlink()
     res["clients"] = clients
     res["streams"] = streams

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
 from collections import Counter
@@ -107,14 +108,87 @@ def test_peak_ewma_estimate_decays_over_idle_time() -> None:
     assert load.cost(clock.now(), outstanding=3) == pytest.approx(4 * 0.36788, rel=1e-3)
 
 
+def _simulate_closed_loop(picker: PeakEwma, clock: FakeClock, endpoints: list[Endpoint], service: list[float],
+                         rng: random.Random, clients: int = 32, requests: int = 20000, warmup: int = 1000,
+                         hiccup_rate: float = 0.0) -> Counter[str]:
+    """Closed-loop clients through ``picker`` against endpoints with the given service times (s).
+
+    Endpoints serve requests concurrently (asyncio-style, no queueing); ``hiccup_rate`` of the requests
+    to any endpoint take 30 ms longer (a GC pause, a descheduled process). Returns picks after warm-up.
+    """
+    snapshot = snap(*endpoints)
+    # (time, tie-break, endpoint answering or None for a client's next send, send time)
+    events: list[tuple[float, int, Endpoint | None, float]] = []
+    seq = itertools.count()
+    for _ in range(clients):
+        heapq.heappush(events, (clock.now() + rng.random() * 0.005, next(seq), None, 0.0))
+    picks: Counter[str] = Counter()
+    done = 0
+    while done < requests:
+        t, _, ep, t0 = heapq.heappop(events)
+        clock.t = t
+        if ep is None:  # a client sends its next request
+            ep = picker.pick(snapshot)
+            ep.outstanding += 1
+            d = service[endpoints.index(ep)] * rng.uniform(0.9, 1.2)
+            if rng.random() < hiccup_rate:
+                d += 0.030
+            if done >= warmup:
+                picks[ep.address] += 1
+            heapq.heappush(events, (t + d, next(seq), ep, t))
+        else:  # a response arrives
+            ep.outstanding -= 1
+            picker.on_done(ep, Outcome.SUCCESS, t - t0)
+            done += 1
+            heapq.heappush(events, (t, next(seq), None, 0.0))
+    return picks
+
+
 def test_peak_ewma_avoids_slow_endpoint() -> None:
     clock = FakeClock()
-    fast, slow = eps(2)
-    pe = PeakEwma(clock=clock, rng=random.Random(6), tau=10.0)
-    pe.on_done(fast, Outcome.SUCCESS, 0.002)
-    pe.on_done(slow, Outcome.SUCCESS, 0.050)
-    clock.advance(0.01)
-    assert all(pe.pick(snap(fast, slow)) is fast for _ in range(50))
+    fast1, fast2, slow = eps(3)
+    pe = PeakEwma(clock=clock, rng=random.Random(6))
+    picks = _simulate_closed_loop(pe, clock, [fast1, fast2, slow], [0.005, 0.005, 0.055], random.Random(1),
+                                  hiccup_rate=0.001)
+    total = sum(picks.values())
+    # fewer than 1% of requests go to the slow endpoint, so it stays out of the p99
+    assert picks[slow.address] / total < 0.01
+    assert abs(picks[fast1.address] - picks[fast2.address]) / total < 0.05
+
+
+def test_peak_ewma_forgets_a_healthy_endpoints_hiccup_within_samples() -> None:
+    clock = FakeClock()
+    load = PeakEwmaLoad(clock.now(), rtt_prior=0.005, tau=10.0, min_weight=0.1)
+    load.observe(clock.now(), 0.035)  # one 35 ms hiccup
+    for _ in range(20):
+        clock.advance(0.002)
+        load.observe(clock.now(), 0.005)
+    # forgotten after 20 samples (40 ms), not after tau = 10 s
+    assert load.estimate(clock.now()) < 0.009
+    # with the purely time-based blend it would still look like the hiccup
+    old = PeakEwmaLoad(clock.now(), rtt_prior=0.005, tau=10.0, min_weight=0.0)
+    old.observe(clock.now(), 0.035)
+    for _ in range(20):
+        clock.advance(0.002)
+        old.observe(clock.now(), 0.005)
+    assert old.estimate(clock.now()) > 0.030
+
+
+def test_peak_ewma_steers_new_picks_away_from_a_stalled_request() -> None:
+    clock = FakeClock()
+    a, b, stalled = eps(3)
+    pe = PeakEwma(clock=clock, rng=random.Random(11))
+    for e in (a, b, stalled):
+        pe.on_done(e, Outcome.SUCCESS, 0.005)
+    stalled.outstanding = 1  # a request that has not come back yet
+    picked = Counter(pe.pick(snap(a, b, stalled)).address for _ in range(300))
+    # P2C: the stalled endpoint loses every pair it is drawn in
+    assert picked[stalled.address] == 0 and picked[a.address] > 100 and picked[b.address] > 100
+    # once the stall completes its 2 s latency keeps it out (until it decays over ~tau)
+    stalled.outstanding = 0
+    pe.on_done(stalled, Outcome.SUCCESS, 2.0)
+    clock.advance(1.0)
+    assert all(pe.pick(snap(a, b, stalled)) is not stalled for _ in range(100))
 
 
 def test_peak_ewma_counts_outstanding_requests() -> None:
