@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness
 
-from modelyard.protos import grpc_service_pb2 as pb  # noqa: E402
-from modelyard.protos.tensors import to_raw  # noqa: E402
+from modelyard.protos import grpc_service_pb2 as pb
+from modelyard.protos.tensors import to_raw
 
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 

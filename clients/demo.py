@@ -8,127 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import IO
 
-READY_PREFIX = "modelyard ready "
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 15.0
+from modelyard.clients.launcher import Endpoints, ServerProcess, modelyard_argv
+
 STEP_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoints:
-    """Where a started server listens."""
-
-    grpc: str
-    http: str
-
-
-def parse_ready_line(line: str) -> Endpoints | None:
-    """``modelyard ready grpc=H:P http=H:P`` -> Endpoints; None for any other line."""
-    if not line.startswith(READY_PREFIX):
-        return None
-    fields = dict(part.split("=", 1) for part in line[len(READY_PREFIX) :].split() if "=" in part)
-    if "grpc" not in fields or "http" not in fields:
-        return None
-    return Endpoints(grpc=fields["grpc"], http=fields["http"])
-
-
-def modelyard_argv(*args: str) -> list[str]:
-    """The ``modelyard`` command run with this interpreter (works without the venv on PATH)."""
-    return [sys.executable, "-m", "modelyard.clients.cli", *args]
-
-
-class ServerProcess:
-    """``modelyard serve`` on free ports as a child process; a context manager that always stops it."""
-
-    def __init__(self, extra_args: Sequence[str] = (), start_timeout: float = START_TIMEOUT_S) -> None:
-        self.extra_args = list(extra_args)
-        self.start_timeout = start_timeout
-        self.endpoints: Endpoints | None = None
-        self.proc: subprocess.Popen[str] | None = None
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._log: IO[str] | None = None
-
-    def start(self) -> Endpoints:
-        """Spawn the server and wait (up to ``start_timeout``) for its ready line."""
-        self._log = tempfile.TemporaryFile(mode="w+", prefix="modelyard-demo-server-")
-        argv = modelyard_argv("serve", "--grpc-port", "0", "--http-port", "0", "--grace", "5", *self.extra_args)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
-        threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"server not ready after {self.start_timeout:.0f}s\n{self.log_tail()}")
-            try:
-                line = self._lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"server exited with status {self.proc.wait()} before it was ready\n{self.log_tail()}")
-            endpoints = parse_ready_line(line.strip())
-            if endpoints is not None:
-                self.endpoints = endpoints
-                return endpoints
-
-    def _pump(self, stream: IO[str] | None) -> None:
-        # Keep draining stdout so the server can never block on a full pipe.
-        if stream is None:
-            return
-        for line in stream:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def log_tail(self, lines: int = 20) -> str:
-        if self._log is None:
-            return ""
-        self._log.flush()
-        self._log.seek(0)
-        return "".join(self._log.readlines()[-lines:])
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait for the graceful shutdown, SIGKILL if it overstays; returns the exit status."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return proc.returncode
-
-    def __enter__(self) -> ServerProcess:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +114,7 @@ def main() -> int:
     """Start a server, run the steps, stop the server; exit 1 if anything failed."""
     print("$ modelyard serve --grpc-port 0 --http-port 0   (demo models, free ports)", flush=True)
     try:
-        with ServerProcess() as server:
+        with ServerProcess(["--grace", "5"]) as server:
             assert server.endpoints is not None
             pid = server.proc.pid if server.proc is not None else None
             print(f"server ready (pid {pid}): gRPC {server.endpoints.grpc}, HTTP {server.endpoints.http}", flush=True)
@@ -250,4 +138,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Endpoints", "ServerProcess", "Step", "cli_step", "demo_steps", "main", "rest_infer_step", "run_steps"]
+__all__ = ["Step", "cli_step", "demo_steps", "main", "rest_infer_step", "run_steps"]

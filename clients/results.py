@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 
 from modelyard.clients.errors import InferenceServerError
-from modelyard.clients.requests import ParamValue, parameter_value
 from modelyard.protos import grpc_service_pb2 as pb
+from modelyard.protos.params import ParamValue, parameter_value
 from modelyard.protos.tensors import from_contents, from_raw
 
 #: response parameter a decoupled model sets on its last response

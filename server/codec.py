@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 
 from modelyard.protos import grpc_service_pb2 as pb
+from modelyard.protos.params import parameter_value, set_parameter
 from modelyard.protos.tensors import DTYPES, TensorError, datatype_of, from_contents, from_raw, to_raw
 from modelyard.server.config import ANY, ModelConfig
 from modelyard.server.errors import InvalidInput
@@ -16,22 +16,6 @@ from modelyard.server.types import InferRequest, InferResponse
 #: request parameters with a meaning to the scheduler (Triton's names)
 PRIORITY_PARAM = "priority"
 TIMEOUT_PARAM = "timeout"  # microseconds
-
-
-def param_value(p: pb.InferParameter) -> Any:
-    which = p.WhichOneof("parameter_choice")
-    return None if which is None else getattr(p, which)
-
-
-def set_param(target: pb.InferParameter, value: Any) -> None:
-    if isinstance(value, bool):
-        target.bool_param = value
-    elif isinstance(value, int):
-        target.int64_param = value
-    elif isinstance(value, float):
-        target.double_param = value
-    else:
-        target.string_param = str(value)
 
 
 def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = None) -> InferRequest:
@@ -58,7 +42,7 @@ def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = Non
                 raise InvalidInput(f"input '{name}': no data (neither raw_input_contents nor contents)")
     except TensorError as exc:
         raise InvalidInput(str(exc)) from None
-    params = {k: param_value(v) for k, v in msg.parameters.items()}
+    params = {k: parameter_value(v) for k, v in msg.parameters.items()}
     req = InferRequest(
         model=msg.model_name,
         version=msg.model_version,
@@ -66,7 +50,7 @@ def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = Non
         inputs=inputs,
         parameters=params,
         outputs=[o.name for o in msg.outputs] or None,
-        output_parameters={o.name: {k: param_value(v) for k, v in o.parameters.items()} for o in msg.outputs if o.parameters},
+        output_parameters={o.name: {k: parameter_value(v) for k, v in o.parameters.items()} for o in msg.outputs if o.parameters},
     )
     priority = params.get(PRIORITY_PARAM)
     if priority is not None:
@@ -110,7 +94,9 @@ def encode_response(resp: InferResponse, cfg: ModelConfig | None = None, *, deco
         msg.outputs.add(name=name, datatype=datatype, shape=arr.shape)
         msg.raw_output_contents.append(to_raw(arr))
     for key, value in resp.parameters.items():
-        set_param(msg.parameters[key], value)
+        if hasattr(value, "item"):  # numpy scalars from model code
+            value = value.item()
+        set_parameter(msg.parameters[key], value if isinstance(value, bool | int | float | str) else str(value))
     if decoupled:
         msg.parameters["triton_final_response"].bool_param = resp.final
     return msg

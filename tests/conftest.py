@@ -2,87 +2,39 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(r"modelyard ready grpc=(\S+):(\d+) http=(\S+):(\d+)")
-MODELYARD = [sys.executable, "-m", "modelyard.clients.cli"]
+from modelyard.clients import launcher
 
 
-class ServerProcess:
-    """A ``modelyard serve`` subprocess; ``grpc_url`` / ``http_url`` once started."""
+class ServerProcess(launcher.ServerProcess):
+    """A ``modelyard serve`` subprocess, started on construction; ``grpc_url`` / ``http_url``."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 60.0) -> None:
-        self.args = ["serve", "--grpc-port", "0", "--http-port", "0", *args]
-        self.log = tempfile.NamedTemporaryFile(prefix="modelyard-serve-", suffix=".log", delete=False)
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.proc = subprocess.Popen(
-            [*MODELYARD, *self.args], stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True
-        )
-        self.grpc_port = self.http_port = 0
-        self._wait_ready(ready_timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        found: list[re.Match[str]] = []
-        done = threading.Event()
-
-        def reader() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                m = READY.search(line)
-                if m:
-                    found.append(m)
-                    done.set()
-            done.set()
-
-        threading.Thread(target=reader, daemon=True).start()
-        if not done.wait(timeout) or not found:
-            self.kill()
-            raise RuntimeError(f"modelyard serve did not become ready; log:\n{self.read_log()}")
-        m = found[0]
-        self.grpc_port, self.http_port = int(m.group(2)), int(m.group(4))
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def read_log(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        super().__init__(args, start_timeout=ready_timeout, env=env)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+            self.start()
+        except BaseException:
+            self.close()
             raise
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+    @property
+    def grpc_port(self) -> int:
+        return int(self.grpc_url.rsplit(":", 1)[1])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http_url.rsplit(":", 1)[1])
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM and wait; returns the exit code."""
+        return self.stop(timeout)
 
     def close(self) -> None:
-        self.kill()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        self.stop(timeout=5.0)
 
 
 @pytest.fixture

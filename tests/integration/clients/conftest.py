@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from modelyard.clients.demo import Endpoints, ServerProcess
+from modelyard.clients.launcher import Endpoints, ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from modelyard.clients.launcher import ServerProcess
+
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-READY = re.compile(r"modelyard ready grpc=(\S+):(\d+) http=(\S+):(\d+)")
 
 TEXT_IN = [{"name": "TEXT", "data_type": "TYPE_STRING", "dims": [1]}]
 
@@ -98,48 +93,19 @@ def build_repository(repo: Path) -> Path:
     return repo
 
 
-class Served:
-    """A ``modelyard serve`` subprocess on free ports."""
+class Served(ServerProcess):
+    """A ``modelyard serve`` subprocess on free ports, serving ``repo``."""
 
     def __init__(self, repo: Path) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="modelyard-rt-", suffix=".log", delete=False)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modelyard.clients.cli", "serve", "--grpc-port", "0", "--http-port", "0",
-             "--model-repository", str(repo)],
-            stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
-        found: list[re.Match[str]] = []
-        done = threading.Event()
-
-        def reader() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                m = READY.search(line)
-                if m and not found:
-                    found.append(m)
-                    done.set()
-            done.set()
-
-        threading.Thread(target=reader, daemon=True).start()
-        if not done.wait(120) or not found:
-            self.close()
-            raise RuntimeError("server did not start:\n" + Path(self.log.name).read_text(errors="replace")[-4000:])
-        self.grpc_url = f"127.0.0.1:{found[0].group(2)}"
-        self.http_url = f"http://127.0.0.1:{found[0].group(4)}"
-
-    def read_log(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
+        super().__init__(["--model-repository", str(repo)], start_timeout=120)
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        self.stop(timeout=20)
 
 
 @pytest.fixture(scope="session")
