@@ -48,36 +48,40 @@ class Instance:
         #: jobs queued or running (maintained on the loop; used to pick the least-loaded instance)
         self.outstanding = 0
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._submitting: list[tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]] = []
         self._thread = threading.Thread(target=self._work, name=f"modelyard-{name}", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
-        # Results of cheap jobs are handed back in groups: one loop wake-up (call_soon_threadsafe)
-        # for all the jobs finished while more were queued, instead of one per job. A job that
-        # took longer than FLUSH_AFTER_NS, or an empty queue, flushes at once, so nothing waits
-        # behind a slow job.
+        # Both directions are coalesced so that a busy event loop and this thread do not hand
+        # the GIL back and forth once per request:
+        # * the loop puts every job submitted during one loop iteration as one group (see call());
+        # * results of cheap jobs go back in groups: one call_soon_threadsafe for all the jobs
+        #   finished while more were waiting. A job slower than FLUSH_AFTER_NS, or running out of
+        #   work, flushes at once, so no result waits behind a slow job.
         pending: list[tuple[Any, asyncio.Future[Any], bool, Any]] = []
         jobs = self._jobs
         while True:
             if pending and jobs.empty():
                 self._flush(pending)
                 pending = []
-            job = jobs.get()
-            if job is None:
+            group = jobs.get()
+            if group is None:
                 if pending:
                     self._flush(pending)
                 return
-            loop, fut, fn, args = job
-            if fut.cancelled():  # the caller went away while this job was queued: never compute it
-                continue
-            t0 = time.perf_counter_ns()
-            try:
-                pending.append((loop, fut, True, fn(*args)))
-            except BaseException as exc:
-                pending.append((loop, fut, False, exc))
-            if len(pending) >= FLUSH_MAX_JOBS or time.perf_counter_ns() - t0 > FLUSH_AFTER_NS:
-                self._flush(pending)
-                pending = []
+            loop, batch = group
+            for fut, fn, args in batch:
+                if fut.cancelled():  # the caller went away while this job was queued: never compute it
+                    continue
+                t0 = time.perf_counter_ns()
+                try:
+                    pending.append((loop, fut, True, fn(*args)))
+                except BaseException as exc:
+                    pending.append((loop, fut, False, exc))
+                if len(pending) >= FLUSH_MAX_JOBS or time.perf_counter_ns() - t0 > FLUSH_AFTER_NS:
+                    self._flush(pending)
+                    pending = []
 
     @staticmethod
     def _flush(pending: list[tuple[Any, asyncio.Future[Any], bool, Any]]) -> None:
@@ -97,8 +101,15 @@ class Instance:
         fut = loop.create_future()
         self.outstanding += 1
         fut.add_done_callback(self._job_done)
-        self._jobs.put((loop, fut, fn, args))
+        self._submitting.append((fut, fn, args))
+        if len(self._submitting) == 1:
+            loop.call_soon(self._submit, loop)
         return fut
+
+    def _submit(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand every job submitted in this loop iteration to the thread at once (one wake-up)."""
+        group, self._submitting = self._submitting, []
+        self._jobs.put((loop, group))
 
     def _execute(self, requests: list[InferRequest]) -> tuple[list[Result], int]:
         t0 = time.perf_counter_ns()

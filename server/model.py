@@ -71,9 +71,10 @@ class ModelVersion:
     async def load(self) -> None:
         """Create every instance (in worker threads), then warm up; READY only when all succeeded."""
         t0 = time.perf_counter()
-        cls = runtime_class(self.config.backend, f"{self.path.parent}/config.yaml")
-        devices = resolve_devices(self.name, self.config.instance_group)
         loop = asyncio.get_running_loop()
+        # Importing a backend (and probing CUDA, which imports torch) takes seconds: not on the loop.
+        cls = await loop.run_in_executor(None, runtime_class, self.config.backend, f"{self.path.parent}/config.yaml")
+        devices = await loop.run_in_executor(None, resolve_devices, self.name, self.config.instance_group)
         instances: list[Instance] = []
         try:
             for i, device in enumerate(devices):
