@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from modelyard.clients.launcher import Endpoints, ServerProcess, modelyard_argv
+from modelyard.clients.launcher import BalancerProcess, Endpoints, ServerProcess, modelyard_argv
 
 STEP_TIMEOUT_S = 60.0
 
@@ -92,6 +92,49 @@ def demo_steps(server: Endpoints) -> list[Step]:
     ]
 
 
+def http_get_step(title: str, url: str, show: Callable[[object], str]) -> Step:
+    """GET a JSON document and print ``show(document)``; shown as the equivalent curl command."""
+
+    def run() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=STEP_TIMEOUT_S) as response:
+                print(show(json.loads(response.read())))
+                return response.status == 200
+        except (OSError, ValueError) as exc:
+            print(f"request failed: {exc}")
+            return False
+
+    return Step(title, f"curl -s {url}", run)
+
+
+def _endpoint_lines(document: object) -> str:
+    """One line per upstream of the balancer's /endpoints JSON (whatever fields it has)."""
+    rows = []
+    pools = document.get("pools", document) if isinstance(document, dict) else document
+    items = pools.items() if isinstance(pools, dict) else [("", pools)]
+    for _, endpoints in items:
+        for ep in endpoints if isinstance(endpoints, list) else []:
+            if isinstance(ep, dict):
+                keep = {k: v for k, v in ep.items() if not isinstance(v, dict | list)}
+                rows.append(" ".join(f"{k}={v}" for k, v in keep.items()))
+    return "\n".join(rows) if rows else json.dumps(document)[:2000]
+
+
+def balancer_steps(balancer: Endpoints) -> list[Step]:
+    """Traffic through ``modelyard balance`` in front of two replicas."""
+    url = ("--url", balancer.grpc)
+    return [
+        cli_step("Through the balancer: health and inference are proxied as raw gRPC",
+                 "infer", "add_sub", "-i", "INPUT0=[1,2,3,4]", "-i", "INPUT1=[1,1,1,1]", *url),
+        cli_step("Through the balancer: streaming", "infer", "token_stream_demo", "--stream",
+                 "-i", "TEXT=balanced tokens", *url),
+        cli_step("Sample traffic through the balancer (peak-EWMA over two replicas)",
+                 "bench", "text_sentiment_demo", "-i", 'TEXT=["a great day"]', "-c", "8", "--duration", "2", *url),
+        http_get_step("The balancer's view of its endpoints (admin API)",
+                      f"http://{balancer.http}/endpoints", _endpoint_lines),
+    ]
+
+
 def run_steps(steps: Sequence[Step]) -> list[str]:
     """Run every step (a failure does not stop the rest); returns the titles of failed ones."""
     failed = []
@@ -119,7 +162,14 @@ def main() -> int:
             pid = server.proc.pid if server.proc is not None else None
             print(f"server ready (pid {pid}): gRPC {server.endpoints.grpc}, HTTP {server.endpoints.http}", flush=True)
             failed = run_steps(demo_steps(server.endpoints))
-            print("\n$ kill -TERM <server>", flush=True)
+            print("\n$ modelyard serve ... (a second replica)   &&   modelyard balance --endpoints A,B", flush=True)
+            with ServerProcess(["--grace", "5"]) as replica:
+                assert replica.endpoints is not None
+                with BalancerProcess([server.endpoints.grpc, replica.endpoints.grpc]) as balancer:
+                    assert balancer.endpoints is not None
+                    print(f"balancer ready: gRPC {balancer.endpoints.grpc}, admin {balancer.endpoints.http}", flush=True)
+                    failed += run_steps(balancer_steps(balancer.endpoints))
+            print("\n$ kill -TERM <balancer> <replicas>", flush=True)
         status = server.proc.returncode if server.proc is not None else None
     except RuntimeError as exc:
         print(f"demo: {exc}", file=sys.stderr)
@@ -138,4 +188,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Step", "cli_step", "demo_steps", "main", "rest_infer_step", "run_steps"]
+__all__ = ["Step", "balancer_steps", "cli_step", "demo_steps", "http_get_step", "main", "rest_infer_step", "run_steps"]

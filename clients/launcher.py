@@ -63,7 +63,7 @@ class ServerProcess:
     def start(self) -> Endpoints:
         """Spawn the server and wait (up to ``start_timeout``) for its ready line."""
         self._log = tempfile.TemporaryFile(mode="w+", prefix="modelyard-demo-server-")
-        argv = modelyard_argv("serve", "--grpc-port", "0", "--http-port", "0", *self.extra_args)
+        argv = self.argv()
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
                                      env=self.env)
         threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
@@ -78,10 +78,18 @@ class ServerProcess:
                 continue
             if line is None:
                 raise RuntimeError(f"server exited with status {self.proc.wait()} before it was ready\n{self.log_tail()}")
-            endpoints = parse_ready_line(line.strip())
+            endpoints = self.parse_ready(line.strip())
             if endpoints is not None:
                 self.endpoints = endpoints
                 return endpoints
+
+    def argv(self) -> list[str]:
+        """The command line (the serve subcommand on free ports)."""
+        return modelyard_argv("serve", "--grpc-port", "0", "--http-port", "0", *self.extra_args)
+
+    def parse_ready(self, line: str) -> Endpoints | None:
+        """Endpoints from the process's ready line; None for any other line."""
+        return parse_ready_line(line)
 
     def _pump(self, stream: IO[str] | None) -> None:
         # Keep draining stdout so the server can never block on a full pipe.
@@ -147,3 +155,25 @@ class ServerProcess:
         self.stop()
 
 
+
+
+class BalancerProcess(ServerProcess):
+    """``modelyard balance`` in front of ``upstreams`` on free ports; ``http`` is its admin address."""
+
+    def __init__(self, upstreams: Sequence[str], extra_args: Sequence[str] = (),
+                 start_timeout: float = START_TIMEOUT_S) -> None:
+        super().__init__(extra_args, start_timeout)
+        self.upstreams = list(upstreams)
+
+    def argv(self) -> list[str]:
+        return modelyard_argv("balance", "--listen", "127.0.0.1:0", "--admin-port", "0",
+                              "--endpoints", ",".join(self.upstreams), *self.extra_args)
+
+    def parse_ready(self, line: str) -> Endpoints | None:
+        # "modelyard balance listening on PORT, admin http://127.0.0.1:APORT workers=1 pools=default"
+        prefix = "modelyard balance listening on "
+        if not line.startswith(prefix) or ", admin http://" not in line:
+            return None
+        port = line[len(prefix):].split(",", 1)[0]
+        admin = line.split(", admin http://", 1)[1].split()[0]
+        return Endpoints(grpc=f"127.0.0.1:{port}", http=admin)
