@@ -7,7 +7,6 @@ and translates back. Errors are mapped to status codes in one place, :func:`rpc`
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -29,26 +28,6 @@ log = logging.getLogger("modelyard.server")
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "binary_tensor_data"]
 
 T = TypeVar("T")
-
-
-def rpc(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map exceptions to gRPC status codes; never a traceback to the client."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-        try:
-            return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except ModelyardError as exc:
-            await context.abort(exc.code, exc.message)
-        except Exception as exc:
-            log.exception("%s failed", fn.__name__)
-            err = as_modelyard_error(exc)
-            await context.abort(err.code, err.message)
-        raise AssertionError("unreachable")
-
-    return wrapper
 
 
 def _stats_message(mv: ModelVersion) -> pb.ModelStatistics:
@@ -82,24 +61,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._is_ready = is_ready
 
     # --------------------------------------------------------------- health
-    @rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    @rpc
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._is_ready())
 
-    @rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self.repo.is_ready(request.name, request.version))
 
     # --------------------------------------------------------------- metadata
-    @rpc
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="modelyard", version=__version__, extensions=EXTENSIONS)
 
-    @rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         mv = self.repo.get(request.name, request.version)
         cfg = mv.config
@@ -117,12 +91,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             shape=batch + (spec.dims if spec.dims is not None else [-1]))
         return msg
 
-    @rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
         mv = self.repo.get(request.name, request.version)
         return pb.ModelConfigResponse(config=to_proto(mv.config))
 
-    @rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
         resp = pb.ModelStatisticsResponse()
         if request.name:
@@ -140,27 +112,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     # --------------------------------------------------------------- repository
-    @rpc
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         resp = pb.RepositoryIndexResponse()
         for e in self.repo.index(ready_only=request.ready):
             resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
         return resp
 
-    @rpc
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
         if request.parameters:
             raise Unsupported(f"RepositoryModelLoad parameters are not supported: {sorted(request.parameters)}")
         await self.repo.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @rpc
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
         await self.repo.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # --------------------------------------------------------------- inference
-    @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         mv = self.repo.get(request.model_name, request.model_version)
         req = decode_request(request, context.time_remaining())
@@ -226,12 +194,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _unary(cls: Any, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Parse the request bytes, call ``method``, map exceptions to status codes (the one place
+    that does): never a traceback to the client."""
+    name = cls.DESCRIPTOR.full_name
+
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            request = cls.FromString(raw)
+            return await method(cls.FromString(raw), context)
         except DecodeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}")
-        return await method(request, context)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {name}: {exc}")
+        except grpc.aio.AbortError:
+            raise
+        except ModelyardError as exc:
+            await context.abort(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("%s failed", getattr(method, "__name__", name))
+            err = as_modelyard_error(exc)
+            await context.abort(err.code, err.message)
 
     return handler
 

@@ -1,8 +1,10 @@
-"""Per model-version statistics in Triton's ModelStatistics shape (counts and nanoseconds)."""
+"""Per model-version statistics in Triton's ModelStatistics shape (counts and nanoseconds).
+
+Updated and read on the event loop only, so they need no lock.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -25,10 +27,9 @@ class BatchStats:
 
 
 class ModelStats:
-    """Counters for one model version; safe to update from worker threads."""
+    """Counters for one model version (event-loop thread only)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self.success = Duration()
         self.fail = Duration()
         self.queue = Duration()
@@ -43,22 +44,19 @@ class ModelStats:
         self.batches: dict[int, BatchStats] = {}
 
     def request_done(self, ok: bool, total_ns: int) -> None:
-        with self._lock:
-            (self.success if ok else self.fail).add(total_ns)
-            self.last_inference_ms = int(time.time() * 1000)
+        (self.success if ok else self.fail).add(total_ns)
+        self.last_inference_ms = int(time.time() * 1000)
 
     def batch_done(self, size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        with self._lock:
-            self.execution_count += 1
-            self.inference_count += size
-            self.compute_input.add(input_ns, size)
-            self.compute_infer.add(infer_ns, size)
-            self.compute_output.add(output_ns, size)
-            b = self.batches.setdefault(size, BatchStats())
-            b.compute_input.add(input_ns)
-            b.compute_infer.add(infer_ns)
-            b.compute_output.add(output_ns)
+        self.execution_count += 1
+        self.inference_count += size
+        self.compute_input.add(input_ns, size)
+        self.compute_infer.add(infer_ns, size)
+        self.compute_output.add(output_ns, size)
+        b = self.batches.setdefault(size, BatchStats())
+        b.compute_input.add(input_ns)
+        b.compute_infer.add(infer_ns)
+        b.compute_output.add(output_ns)
 
     def cache(self, hit: bool, ns: int) -> None:
-        with self._lock:
-            (self.cache_hit if hit else self.cache_miss).add(ns)
+        (self.cache_hit if hit else self.cache_miss).add(ns)
