@@ -12,6 +12,7 @@ Prints a table and writes benchmarks/results/server_overhead.json.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -52,9 +53,11 @@ def shape(c: int) -> tuple[int, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=int, default=5, help="seconds of measurement per level (default 5)")
+    ap.add_argument("--duration", type=int, default=3, help="seconds of measurement per run (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="h2load warm-up seconds per level (default 1)")
     ap.add_argument("--levels", default="1,16,64", help="concurrency levels (default 1,16,64)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds per level; medians are compared (default 3)")
     args = ap.parse_args()
     if not harness.h2load_available():
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
@@ -71,23 +74,31 @@ def main() -> int:
         check_modelyard(grpc_port, body)
         for c in levels:
             conns, streams = shape(c)
+            runs: dict[str, list[dict]] = {"echo": [], "modelyard": []}
+            # Alternate the two servers, several rounds: the machine's noise hits both alike,
+            # and the median of each is compared.
+            for _ in range(args.rounds):
+                for name, port in (("echo", echo_port), ("modelyard", grpc_port)):
+                    log = Path(tempfile.mkstemp(suffix=".h2load.log")[1])
+                    r = harness.run_h2load(port, PATH, frame, conns, streams=streams, duration=args.duration,
+                                           warmup=args.warmup, log_file=log)
+                    if r.get("error"):
+                        print(f"{name} c={c}: h2load failed: {r['error']}", file=sys.stderr)
+                    runs[name].append(r)
             row: dict = {"concurrency": c}
-            for name, port in (("echo", echo_port), ("modelyard", grpc_port)):
-                log = Path(tempfile.mkstemp(suffix=".h2load.log")[1])
-                r = harness.run_h2load(port, PATH, frame, conns, streams=streams, duration=args.duration,
-                                       warmup=args.warmup, log_file=log)
-                if r.get("error"):
-                    print(f"{name} c={c}: h2load failed: {r['error']}", file=sys.stderr)
-                row[f"{name}_rps"] = r["rps"]
-                row[f"{name}_p50_ms"] = r.get("p50")
-                row[f"{name}_p99_ms"] = r.get("p99")
+            for name, results in runs.items():
+                row[f"{name}_rps"] = statistics.median(r["rps"] for r in results)
+                row[f"{name}_p50_ms"] = statistics.median(r.get("p50") or 0.0 for r in results)
+                row[f"{name}_p99_ms"] = statistics.median(r.get("p99") or 0.0 for r in results)
+                row[f"{name}_rps_runs"] = [r["rps"] for r in results]
             row["rps_ratio"] = row["modelyard_rps"] / row["echo_rps"] if row["echo_rps"] else None
-            row["p50_added_ms"] = (row["modelyard_p50_ms"] or 0) - (row["echo_p50_ms"] or 0)
+            row["p50_added_ms"] = row["modelyard_p50_ms"] - row["echo_p50_ms"]
             rows.append(row)
     cols = ["concurrency", "echo_rps", "modelyard_rps", "rps_ratio", "echo_p50_ms", "modelyard_p50_ms",
             "echo_p99_ms", "modelyard_p99_ms", "p50_added_ms"]
     harness.print_table(rows, cols, "modelyard serve (identity, FP32 1x16) vs bare grpc.aio echo, h2load")
-    path = harness.write_json("server_overhead", {"rows": rows, "duration_s": args.duration, "payload_bytes": len(body)})
+    path = harness.write_json("server_overhead", {"rows": rows, "duration_s": args.duration, "rounds": args.rounds,
+                                                   "payload_bytes": len(body)})
     print(f"\nwrote {path}")
     return 0
 

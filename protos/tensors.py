@@ -7,6 +7,7 @@ each a 4-byte little-endian length followed by that many bytes.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -77,10 +78,7 @@ def datatype_of(array: np.ndarray) -> str:
 
 
 def element_count(shape: Sequence[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= int(dim)
-    return count
+    return math.prod(int(d) for d in shape)
 
 
 def serialize_bytes(array: np.ndarray) -> bytes:
@@ -129,20 +127,19 @@ def from_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int], name:
     dt = DTYPES.get(datatype)
     if dt is None:
         raise TensorError(f"input '{name}': unknown datatype '{datatype}'")
-    if any(int(d) < 0 for d in shape):
-        raise TensorError(f"input '{name}': shape {list(shape)} has a negative dimension")
-    count = element_count(shape)
+    dims = tuple(shape)
+    if dims and min(dims) < 0:
+        raise TensorError(f"input '{name}': shape {list(dims)} has a negative dimension")
+    count = math.prod(dims)
     if datatype == "BYTES":
         items = deserialize_bytes(raw, count, name)
         arr = np.empty(count, dtype=object)
         arr[:] = items
-        return arr.reshape(tuple(shape))
+        return arr.reshape(dims)
     expected = count * dt.itemsize
     if len(raw) != expected:
-        raise TensorError(
-            f"input '{name}': {datatype} shape {list(shape)} needs {expected} bytes, got {len(raw)}"
-        )
-    return np.frombuffer(raw, dtype=dt).reshape(tuple(shape))
+        raise TensorError(f"input '{name}': {datatype} shape {list(dims)} needs {expected} bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype=dt).reshape(dims)
 
 
 def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:

@@ -42,16 +42,15 @@ def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = Non
                 raise InvalidInput(f"input '{name}': no data (neither raw_input_contents nor contents)")
     except TensorError as exc:
         raise InvalidInput(str(exc)) from None
-    params = {k: parameter_value(v) for k, v in msg.parameters.items()}
-    req = InferRequest(
-        model=msg.model_name,
-        version=msg.model_version,
-        id=msg.id,
-        inputs=inputs,
-        parameters=params,
-        outputs=[o.name for o in msg.outputs] or None,
-        output_parameters={o.name: {k: parameter_value(v) for k, v in o.parameters.items()} for o in msg.outputs if o.parameters},
-    )
+    params = {k: parameter_value(v) for k, v in msg.parameters.items()} if msg.parameters else {}
+    req = InferRequest(model=msg.model_name, inputs=inputs, version=msg.model_version, id=msg.id, parameters=params)
+    if msg.outputs:
+        req.outputs = [o.name for o in msg.outputs]
+        req.output_parameters = {
+            o.name: {k: parameter_value(v) for k, v in o.parameters.items()} for o in msg.outputs if o.parameters
+        }
+    if not params and time_remaining is None:
+        return req
     priority = params.get(PRIORITY_PARAM)
     if priority is not None:
         if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:

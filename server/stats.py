@@ -50,10 +50,12 @@ class ModelStats:
     def batch_done(self, size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.execution_count += 1
         self.inference_count += size
-        self.compute_input.add(input_ns, size)
-        self.compute_infer.add(infer_ns, size)
-        self.compute_output.add(output_ns, size)
-        b = self.batches.setdefault(size, BatchStats())
+        for total, ns in ((self.compute_input, input_ns), (self.compute_infer, infer_ns), (self.compute_output, output_ns)):
+            total.count += size
+            total.ns += ns
+        b = self.batches.get(size)
+        if b is None:
+            b = self.batches[size] = BatchStats()
         b.compute_input.add(input_ns)
         b.compute_infer.add(infer_ns)
         b.compute_output.add(output_ns)
