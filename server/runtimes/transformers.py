@@ -96,6 +96,26 @@ def _first(specs: list[TensorSpec], datatypes: tuple[str, ...]) -> str | None:
     return None
 
 
+def _gather(requests: list[InferRequest], results: list[Result | None],
+            extract: Callable[[InferRequest], list[Any]]) -> tuple[list[int], list[Any]]:
+    """The rows of every request in one list, with the index of the request each row came from.
+
+    A request whose rows cannot be extracted gets its InvalidInput in ``results`` and no rows:
+    bad input fails that request only, never the batch.
+    """
+    owners: list[int] = []
+    rows: list[Any] = []
+    for i, r in enumerate(requests):
+        try:
+            got = extract(r)
+        except InvalidInput as exc:
+            results[i] = exc
+            continue
+        owners.extend([i] * len(got))
+        rows.extend(got)
+    return owners, rows
+
+
 class TransformersRuntime(Runtime):
     """One Hugging Face model on one device (see the module docstring for tasks and parameters)."""
 
@@ -162,16 +182,7 @@ class TransformersRuntime(Runtime):
 
         Returns (owner request index per row, encoding) or None if no row is left.
         """
-        owners: list[int] = []
-        texts: list[str] = []
-        for i, r in enumerate(requests):
-            try:
-                t = self._texts(r)
-            except InvalidInput as exc:
-                results[i] = exc
-                continue
-            owners.extend([i] * len(t))
-            texts.extend(t)
+        owners, texts = _gather(requests, results, self._texts)
         if not texts:
             return None
         enc = self.tokenizer(texts, truncation=self.truncation, max_length=self.max_length if self.truncation else None)
@@ -302,16 +313,7 @@ class TransformersRuntime(Runtime):
         return out
 
     def _classify_images(self, requests: list[InferRequest], results: list[Result | None]) -> None:
-        owners: list[int] = []
-        pixels: list[np.ndarray] = []
-        for i, r in enumerate(requests):
-            try:
-                imgs = self._decode_images(r)
-            except InvalidInput as exc:
-                results[i] = exc
-                continue
-            owners.extend([i] * len(imgs))
-            pixels.extend(imgs)
+        owners, pixels = _gather(requests, results, self._decode_images)
         if not pixels:
             return
         tensor = self.torch.from_numpy(np.stack(pixels)).to(self.device)
