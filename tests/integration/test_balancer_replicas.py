@@ -224,3 +224,39 @@ def test_invalid_config_refuses_to_start_listing_errors(tmp_path: Path) -> None:
     assert out.returncode == 2
     for needle in ("workers: must be >= 1", "pools.a.picker: unknown picker", "pools.a.endpoints.static[0].address"):
         assert needle in out.stderr
+
+
+def test_per_model_health_takes_a_replica_out_while_its_model_is_unloaded(replicas: list[Any], poll: Any) -> None:
+    cfg = {
+        "listeners": [{"address": "127.0.0.1:0"}],
+        "admin": {"address": "127.0.0.1:0"},
+        "routes": [{"match": {"model": "identity"}, "pool": "models"}, {"match": {}, "pool": "models"}],
+        "pools": {"models": {
+            "picker": "round_robin",
+            "endpoints": {"static": [r.grpc_url for r in replicas]},
+            "health_check": {"interval": 0.2, "timeout": 0.5, "unhealthy_threshold": 1, "per_model": True},
+        }},
+    }
+    b = BalancerProcess(cfg)
+    gone = replicas[0].grpc_url
+
+    def routable() -> dict[str, bool]:
+        return {r["address"]: r["routable"] for r in b.admin("/endpoints")["endpoints"]}
+
+    try:
+        poll(lambda: all(routable().values()), timeout=10, message="both replicas healthy")
+        with grpc.insecure_channel(gone) as ch:
+            ch.unary_unary("/inference.GRPCInferenceService/RepositoryModelUnload")(
+                pb.RepositoryModelUnloadRequest(model_name="identity").SerializeToString(), timeout=10)
+        # The server as a whole stays SERVING; only the per-model check ("identity") sees the unload.
+        poll(lambda: not routable()[gone], timeout=10, message="the replica without the model leaves the pool")
+        with grpc.insecure_channel(f"127.0.0.1:{b.port}") as ch:
+            call = ch.unary_unary(INFER)
+            for i in range(40):
+                assert pb.ModelInferResponse.FromString(call(infer_request(i), timeout=10)).raw_output_contents
+        with grpc.insecure_channel(gone) as ch:
+            ch.unary_unary("/inference.GRPCInferenceService/RepositoryModelLoad")(
+                pb.RepositoryModelLoadRequest(model_name="identity").SerializeToString(), timeout=30)
+        poll(lambda: routable()[gone], timeout=10, message="the replica comes back once the model is loaded")
+    finally:
+        b.kill()
