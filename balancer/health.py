@@ -30,6 +30,25 @@ class GrpcHealthProbe:
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        #: health checkers (one per pool) currently checking each address; shared probe, so counted
+        self._users: dict[str, int] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def acquire(self, address: str) -> None:
+        """A checker starts checking ``address``."""
+        self._users[address] = self._users.get(address, 0) + 1
+
+    def release(self, address: str) -> None:
+        """A checker stopped checking ``address``; its channel closes when nobody checks it any more
+        (endpoints churn with DNS / Kubernetes: old addresses must not keep reconnecting forever)."""
+        n = self._users.get(address, 0) - 1
+        if n > 0:
+            self._users[address] = n
+            return
+        self._users.pop(address, None)
+        task = asyncio.ensure_future(self.forget(address))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def __call__(self, address: str, service: str, timeout: float) -> bool:  # noqa: ASYNC109
         ch = self._channels.get(address)
@@ -75,10 +94,17 @@ class HealthChecker:
         if not self.pool.config.health_check.enabled:
             return
         current = set(self.pool.endpoints)
+        release = getattr(self.probe, "release", None)
+        acquire = getattr(self.probe, "acquire", None)
         for addr in list(self._tasks):
             if addr not in current:
                 self._tasks.pop(addr).cancel()
+                self._streak.pop(addr, None)  # a re-added address starts afresh
+                if release is not None:
+                    release(addr)
         for addr in current - set(self._tasks):
+            if acquire is not None:
+                acquire(addr)
             self._tasks[addr] = asyncio.ensure_future(self._loop(addr))
 
     async def check_once(self, address: str) -> bool:

@@ -104,6 +104,10 @@ class _Route:
 Resolver = Callable[[bytes | None], str | None]
 
 
+#: resolvers kept per method name (the names come from clients)
+MAX_CACHED_METHODS = 10_000
+
+
 class Router:
     """Compiles routes into a per-method resolver; unmatched requests resolve to None."""
 
@@ -137,7 +141,8 @@ class Router:
                     if r.matches(service, name, model):
                         return self._choose(r)
                 return None
-        self._cache[method] = (needs_model, resolve)
+        if len(self._cache) < MAX_CACHED_METHODS:  # client-chosen method names must not grow memory forever
+            self._cache[method] = (needs_model, resolve)
         return needs_model, resolve
 
     def models_for_pool(self, pool: str) -> list[str]:

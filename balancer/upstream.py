@@ -7,6 +7,8 @@ from typing import Any
 
 import grpc
 
+from modelyard.balancer.routing import MAX_CACHED_METHODS
+
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     """Options for upstream channels: own connection per channel, quick reconnects, big messages."""
@@ -45,7 +47,9 @@ class Upstream:
         mcs = self._unary.get(method)
         if mcs is None:
             # _registered_method avoids grpc's per-call method-name lookup where supported
-            mcs = self._unary[method] = [ch.unary_unary(method) for ch in self.channels]
+            mcs = [ch.unary_unary(method) for ch in self.channels]
+            if len(self._unary) < MAX_CACHED_METHODS:
+                self._unary[method] = mcs
         self._i += 1
         return mcs[self._i % len(mcs)]
 
@@ -53,7 +57,9 @@ class Upstream:
         """A stream-stream callable (any call kind is wire-compatible with it)."""
         mcs = self._stream.get(method)
         if mcs is None:
-            mcs = self._stream[method] = [ch.stream_stream(method) for ch in self.channels]
+            mcs = [ch.stream_stream(method) for ch in self.channels]
+            if len(self._stream) < MAX_CACHED_METHODS:
+                self._stream[method] = mcs
         self._i += 1
         return mcs[self._i % len(mcs)]
 

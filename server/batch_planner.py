@@ -120,6 +120,8 @@ class BatchPlanner:
                payload: Any = None) -> Pending:
         """Queue a request; Overloaded when the queue is full, InvalidInput when it can never fit."""
         cfg = self.config
+        if size < 1:
+            raise InvalidInput(f"batch size {size}: a request needs at least one row")
         if size > cfg.max_batch_size:
             raise InvalidInput(f"batch size {size} exceeds max_batch_size ({cfg.max_batch_size})")
         if cfg.max_queue_size and self._count >= cfg.max_queue_size:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from modelyard.server.batch_planner import BatchPlanner, Pending, PlannerConfig
 from modelyard.server.config import DynamicBatching, ModelConfig
-from modelyard.server.errors import DeadlineExceeded, ModelNotReady
+from modelyard.server.errors import DeadlineExceeded, ModelExecutionError, ModelNotReady
 from modelyard.server.instances import Instance, InstancePool
 from modelyard.server.scheduler import BatchObserver, Scheduler
 from modelyard.server.types import InferRequest, InferResponse
@@ -97,6 +97,8 @@ class DynamicBatcher(Scheduler):
             if timeout > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
+            else:  # due now: still let the loop run other work before planning again
+                await asyncio.sleep(0)
 
     def _fail(self, item: Pending, exc: BaseException) -> None:
         job: _Job = item.payload
@@ -121,6 +123,8 @@ class DynamicBatcher(Scheduler):
             results, compute_ns = [exc] * len(jobs), time.perf_counter_ns() - started
         finally:
             self.pool.release(inst)
+        if len(results) != len(jobs):  # a third-party backend broke the contract: fail the batch, never hang
+            results = [ModelExecutionError(f"backend returned {len(results)} results for {len(jobs)} requests")] * len(jobs)
         if self.observer is not None:
             self.observer(sum(j.request.batch_size() for j in jobs), queue_ns, compute_ns, inst.name)
         for job, result in zip(jobs, results, strict=True):

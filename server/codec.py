@@ -42,6 +42,8 @@ def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = Non
                 raise InvalidInput(f"input '{name}': no data (neither raw_input_contents nor contents)")
     except TensorError as exc:
         raise InvalidInput(str(exc)) from None
+    except (ValueError, MemoryError) as exc:  # numpy: too many dims, too big to allocate...
+        raise InvalidInput(f"input '{name}': {exc}") from None
     params = {k: parameter_value(v) for k, v in msg.parameters.items()} if msg.parameters else {}
     req = InferRequest(model=msg.model_name, inputs=inputs, version=msg.model_version, id=msg.id, parameters=params)
     if msg.outputs:

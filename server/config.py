@@ -345,6 +345,9 @@ def parse_config(data: Any, default_name: str, source: str = "config.yaml") -> M
     else:
         problems.add("response_cache", "must be a mapping")
     decoupled = bool(data.get("decoupled", (data.get("model_transaction_policy") or {}).get("decoupled", False)))
+    model_file = str(data.get("default_model_filename", ""))
+    if model_file and (Path(model_file).name != model_file or model_file in (".", "..")):
+        problems.add("default_model_filename", f"must be a file name inside the version directory, got {model_file!r}")
     execution = str(data.get("execution", "thread"))
     if execution not in ("thread", "process"):
         problems.add("execution", f"must be thread or process, got {execution!r}")
@@ -364,7 +367,7 @@ def parse_config(data: Any, default_name: str, source: str = "config.yaml") -> M
         decoupled=decoupled,
         max_concurrency=_int(data.get("max_concurrency", 0), "max_concurrency", problems),
         execution=execution,
-        default_model_filename=str(data.get("default_model_filename", "")),
+        default_model_filename=model_file,
         raw=dict(data),
     )
     if problems.items:

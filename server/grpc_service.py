@@ -25,6 +25,11 @@ from modelyard.server.repository import ModelRepository
 
 log = logging.getLogger("modelyard.server")
 
+#: requests of one ModelStreamInfer call handled at once; the next is read when one finishes
+STREAM_MAX_INFLIGHT = 64
+#: responses of one stream waiting for the client to read them
+STREAM_MAX_BUFFERED = 256
+
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "binary_tensor_data"]
 
 T = TypeVar("T")
@@ -140,8 +145,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Bidirectional stream: requests are handled concurrently; errors come back in-band
         (``error_message``) and the stream carries on, as Triton does."""
-        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        # Bounded both ways: a client that pipelines requests without reading responses stops
+        # being read (HTTP/2 flow control pushes back) instead of growing server memory.
+        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(maxsize=STREAM_MAX_BUFFERED)
         handlers: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
 
         async def handle(msg: pb.ModelInferRequest) -> None:
             try:
@@ -164,9 +172,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for msg in request_iterator:
+                    await slots.acquire()
                     task = asyncio.create_task(handle(msg))
                     handlers.add(task)
                     task.add_done_callback(handlers.discard)
+                    task.add_done_callback(lambda _: slots.release())
                 while handlers:
                     await asyncio.gather(*list(handlers), return_exceptions=True)
             finally:

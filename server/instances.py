@@ -57,10 +57,14 @@ class Instance:
         # the GIL back and forth once per request:
         # * the loop puts every job submitted during one loop iteration as one group (see call());
         # * results of cheap jobs go back in groups: one call_soon_threadsafe for all the jobs
-        #   finished while more were waiting. A job slower than FLUSH_AFTER_NS, or running out of
-        #   work, flushes at once, so no result waits behind a slow job.
+        #   finished while more were waiting. A job slower than FLUSH_AFTER_NS, running out of
+        #   work, or a next job expected to be slow (EWMA of job times) flushes first, so no
+        #   result waits behind a slow job.
         pending: list[tuple[Any, asyncio.Future[Any], bool, Any]] = []
         jobs = self._jobs
+        # Expected job time: starts "slow" so nothing is held until this instance has shown its
+        # jobs are cheap; a result is only held back behind jobs expected to be cheap.
+        ewma_ns = 2.0 * FLUSH_AFTER_NS
         while True:
             if pending and jobs.empty():
                 self._flush(pending)
@@ -74,12 +78,17 @@ class Instance:
             for fut, fn, args in batch:
                 if fut.cancelled():  # the caller went away while this job was queued: never compute it
                     continue
+                if pending and ewma_ns > FLUSH_AFTER_NS:
+                    self._flush(pending)
+                    pending = []
                 t0 = time.perf_counter_ns()
                 try:
                     pending.append((loop, fut, True, fn(*args)))
                 except BaseException as exc:
                     pending.append((loop, fut, False, exc))
-                if len(pending) >= FLUSH_MAX_JOBS or time.perf_counter_ns() - t0 > FLUSH_AFTER_NS:
+                took = time.perf_counter_ns() - t0
+                ewma_ns = 0.8 * ewma_ns + 0.2 * took
+                if len(pending) >= FLUSH_MAX_JOBS or took > FLUSH_AFTER_NS:
                     self._flush(pending)
                     pending = []
 
@@ -115,6 +124,8 @@ class Instance:
         t0 = time.perf_counter_ns()
         try:
             results = self.runtime.execute(requests)
+            if len(results) != len(requests):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(requests)} requests")
         except BaseException as exc:  # the whole batch failed; the process goes on
             results = [as_modelyard_error(exc)] * len(requests)
         elapsed = time.perf_counter_ns() - t0

@@ -11,7 +11,7 @@ from pathlib import Path
 from modelyard.server.cache import ResponseCache, request_key
 from modelyard.server.config import ModelConfig
 from modelyard.server.devices import resolve_devices
-from modelyard.server.errors import ModelNotReady, ModelyardError, Overloaded, as_modelyard_error
+from modelyard.server.errors import Cancelled, ModelNotReady, ModelyardError, Overloaded, as_modelyard_error
 from modelyard.server.instances import Instance, InstancePool
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.runtimes.base import Runtime, runtime_class
@@ -22,6 +22,9 @@ from modelyard.server.validation import validate_request
 from modelyard.server.warmup import warmup_requests
 
 log = logging.getLogger("modelyard.server")
+
+#: inputs (or outputs) larger than this are hashed / copied for the response cache in a worker thread
+_INLINE_HASH_BYTES = 64 * 1024
 
 # Triton's state names, as RepositoryIndex reports them.
 LOADING, READY, UNLOADING, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "UNAVAILABLE"
@@ -87,20 +90,26 @@ class ModelVersion:
                 inst_name = f"{self.name}_v{self.version}_{i}"
                 busy = self.metrics.instance_busy.labels(self.name, self.version, str(i))
                 inst = Instance(inst_name, runtime, busy.inc)
+                instances.append(inst)  # before load: a half-loaded instance is closed too
                 await inst.call(runtime.load)
-                instances.append(inst)
-        except BaseException:
+            self.pool = InstancePool(instances)
+            self.scheduler = build_scheduler(self.config, self.pool, self._observe_batch)
+            scheduler = self.scheduler
+            self.metrics.queue_depth.labels(*self._labels).set_function(lambda: scheduler.queue_depth())
+            load_s = time.perf_counter() - t0
+            self.metrics.load_seconds.labels(*self._labels).set(load_s)
+            t1 = time.perf_counter()
+            await self._warmup()
+        except BaseException as exc:
+            # Nothing of a failed load may outlive it: scheduler task, threads, runtimes (GPU memory).
+            if self.scheduler is not None:
+                await self.scheduler.close()
             for inst in instances:
                 await loop.run_in_executor(None, inst.close)
+            self.pool = self.scheduler = None
+            self.state = UNAVAILABLE
+            self.reason = str(exc)
             raise
-        self.pool = InstancePool(instances)
-        self.scheduler = build_scheduler(self.config, self.pool, self._observe_batch)
-        scheduler = self.scheduler
-        self.metrics.queue_depth.labels(*self._labels).set_function(lambda: scheduler.queue_depth())
-        load_s = time.perf_counter() - t0
-        self.metrics.load_seconds.labels(*self._labels).set(load_s)
-        t1 = time.perf_counter()
-        await self._warmup()
         warm_s = time.perf_counter() - t1
         self.metrics.warmup_seconds.labels(*self._labels).set(warm_s)
         self.state = READY
@@ -110,8 +119,11 @@ class ModelVersion:
 
     async def _warmup(self) -> None:
         assert self.scheduler is not None
+        loop = asyncio.get_running_loop()
         for sample in self.config.model_warmup:
-            for req in warmup_requests(self.config, sample, self.path, self.version):
+            # building samples may read files and generate data: not on the loop
+            reqs = await loop.run_in_executor(None, warmup_requests, self.config, sample, self.path, self.version)
+            for req in reqs:
                 if self.config.decoupled:
                     async for _ in self.scheduler.stream(req):
                         pass
@@ -158,6 +170,8 @@ class ModelVersion:
         if error is None:
             self._m_ok.inc()
         else:
+            if isinstance(error, asyncio.CancelledError | GeneratorExit):
+                error = Cancelled("the client cancelled the request")
             self.metrics.requests.labels(*self._labels, as_modelyard_error(error).code.name).inc()
         self._m_latency.observe(total / 1e9)
         self.stats.request_done(error is None, total)
@@ -185,7 +199,11 @@ class ModelVersion:
     async def _cached_infer(self, request: InferRequest) -> InferResponse:
         assert self.cache is not None and self.scheduler is not None
         t0 = time.perf_counter_ns()
-        key = request_key(request, self.name, self.version)
+        big = sum(a.nbytes for a in request.inputs.values()) > _INLINE_HASH_BYTES
+        loop = asyncio.get_running_loop()
+        # hashing megabytes is compute: small requests hash inline (cheaper than a thread hop)
+        key = (await loop.run_in_executor(None, request_key, request, self.name, self.version) if big
+               else request_key(request, self.name, self.version))
         hit = self.cache.get(key)
         if hit is not None:
             self.metrics.cache_hits.labels(*self._labels).inc()
@@ -195,7 +213,10 @@ class ModelVersion:
         self.stats.cache(False, time.perf_counter_ns() - t0)
         # errors propagate before put: they are never cached
         response = await self.scheduler.infer(request)
-        self.cache.put(key, response)
+        if big or sum(getattr(a, "nbytes", 0) for a in response.outputs.values()) > _INLINE_HASH_BYTES:
+            await loop.run_in_executor(None, self.cache.put, key, response)
+        else:
+            self.cache.put(key, response)
         return response
 
     async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:

@@ -110,10 +110,10 @@ class ModelRepository:
     async def load(self, name: str) -> None:
         """Load or reload ``name``: new versions ready first, then the swap, then old ones drained."""
         path = self.model_dir(name)
+        if not path.is_dir():  # before the lock: made-up names must not grow _locks
+            raise ModelNotFound(f"model '{name}' not found in repository {self.root}")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            if not path.is_dir():
-                raise ModelNotFound(f"model '{name}' not found in repository {self.root}")
             try:
                 cfg = load_config(path)
                 on_disk = [int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0]
@@ -146,6 +146,8 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         """Unload every version of ``name``; in-flight requests finish first."""
         self.model_dir(name)
+        if name not in self.models:
+            raise ModelNotFound(f"model '{name}' is not loaded")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             old = self.models.pop(name, None)

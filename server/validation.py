@@ -29,12 +29,12 @@ def validate_request(cfg: ModelConfig, req: InferRequest) -> None:
             got = datatype_of(arr)
             if got != spec.datatype:
                 raise InvalidInput(f"input '{spec.name}': expected datatype {spec.datatype}, got {got}")
-        if spec.dims is None:
-            continue
         shape = tuple(int(d) for d in arr.shape)
         if cfg.max_batch_size > 0:
+            # The batch dimension is checked for every input, datatype-agnostic ones too: the
+            # batcher counts rows by it, and a request of 0 rows must never reach it.
             if len(shape) == 0:
-                raise InvalidInput(f"input '{spec.name}': expected shape [batch, {', '.join(map(str, spec.dims))}], got []")
+                raise InvalidInput(f"input '{spec.name}': expected a leading batch dimension, got shape []")
             b, rest = shape[0], shape[1:]
             if b < 1 or b > cfg.max_batch_size:
                 raise InvalidInput(
@@ -43,9 +43,11 @@ def validate_request(cfg: ModelConfig, req: InferRequest) -> None:
             if batch is not None and b != batch:
                 raise InvalidInput(f"input '{spec.name}': batch size {b} differs from other inputs ({batch})")
             batch = b
+            if spec.dims is None:
+                continue
             if not _shape_ok(spec.dims, rest):
                 raise InvalidInput(f"input '{spec.name}': expected shape [-1, {', '.join(map(str, spec.dims))}], got {list(shape)}")
-        elif not _shape_ok(spec.dims, shape):
+        elif spec.dims is not None and not _shape_ok(spec.dims, shape):
             raise InvalidInput(f"input '{spec.name}': expected shape {spec.dims}, got {list(shape)}")
     if req.outputs is not None and cfg.outputs:
         known = {spec.name for spec in cfg.outputs}

@@ -27,7 +27,10 @@ def _array(name: str, spec: dict[str, Any], batch: int, cfg: ModelConfig, versio
             return as_bytes_array([value] * count, shape)
         return np.full(shape, value, dtype=DTYPES[datatype])
     if spec.get("input_data_file"):
-        path = (version_dir.parent / str(spec["input_data_file"])).resolve()
+        model_dir = version_dir.parent.resolve()
+        path = (model_dir / str(spec["input_data_file"])).resolve()
+        if not path.is_relative_to(model_dir):
+            raise ConfigError(cfg.name, [f"model_warmup.inputs.{name}.input_data_file: {path} is outside the model directory"])
         data = path.read_bytes()
         if datatype == "BYTES":
             return as_bytes_array([data] * count, shape)

@@ -35,6 +35,7 @@ class PythonRuntime(Runtime):
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
+        self._mod_name = mod_name
         try:
             spec.loader.exec_module(module)
         except Exception:
@@ -61,5 +62,9 @@ class PythonRuntime(Runtime):
             yield from super().stream(request, cancelled)
 
     def unload(self) -> None:
-        if hasattr(self.user, "unload"):
-            self.user.unload()
+        user = getattr(self, "user", None)
+        try:
+            if user is not None and hasattr(user, "unload"):
+                user.unload()
+        finally:
+            sys.modules.pop(getattr(self, "_mod_name", ""), None)  # module globals (weights loaded at import) go too

@@ -23,6 +23,7 @@ import importlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 
 from modelyard.protos.tensors import as_bytes_array
 from modelyard.server.config import ModelConfig, TensorSpec
-from modelyard.server.errors import ConfigError, InvalidInput
+from modelyard.server.errors import ConfigError, InvalidInput, as_modelyard_error
 from modelyard.server.runtimes.base import Result, Runtime
 from modelyard.server.types import InferRequest, InferResponse
 
@@ -214,8 +215,8 @@ class TransformersRuntime(Runtime):
                 for i, r in enumerate(requests):
                     try:
                         results[i] = self._generate_all(r)
-                    except InvalidInput as exc:
-                        results[i] = exc
+                    except Exception as exc:  # one prompt's failure is that request's alone
+                        results[i] = as_modelyard_error(exc)
         return [r if r is not None else InvalidInput("request produced no output") for r in results]
 
     def _embed(self, requests: list[InferRequest], results: list[Result | None]) -> None:
@@ -290,9 +291,14 @@ class TransformersRuntime(Runtime):
         if arr.dtype == object:
             for k, blob in enumerate(arr.reshape(-1)):
                 try:
-                    img = Image.open(io.BytesIO(bytes(blob)))
-                    img.load()
-                except (UnidentifiedImageError, OSError, ValueError) as exc:
+                    # a tiny file can declare a huge image: PIL's decompression-bomb guard must be an
+                    # error for this request (never a warning, never an INTERNAL for the whole batch)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("error", Image.DecompressionBombWarning)
+                        img = Image.open(io.BytesIO(bytes(blob)))
+                        img.load()
+                except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+                        Image.DecompressionBombWarning) as exc:
                     raise InvalidInput(f"input '{self.input_name}': element {k} is not a decodable image "
                                        f"(JPEG/PNG expected): {exc}") from None
                 images.append(img.convert("RGB"))
@@ -330,11 +336,14 @@ class TransformersRuntime(Runtime):
         if len(texts) != 1:
             raise InvalidInput(f"input '{self.input_name}': generation takes one prompt per request, got {len(texts)}")
         max_new = self.max_new_tokens
-        for name in ("MAX_NEW_TOKENS", "MAX_TOKENS"):
-            if name in request.inputs:
-                max_new = int(np.asarray(request.inputs[name]).reshape(-1)[0])
-        if "max_tokens" in request.parameters:
-            max_new = int(request.parameters["max_tokens"])
+        try:
+            for name in ("MAX_NEW_TOKENS", "MAX_TOKENS"):
+                if name in request.inputs:
+                    max_new = int(np.asarray(request.inputs[name]).reshape(-1)[0])
+            if "max_tokens" in request.parameters:
+                max_new = int(request.parameters["max_tokens"])
+        except (TypeError, ValueError, IndexError) as exc:
+            raise InvalidInput(f"max tokens must be an integer: {exc}") from None
         if max_new < 1:
             raise InvalidInput(f"max new tokens must be >= 1, got {max_new}")
         room = self.max_length - max_new
