@@ -166,21 +166,6 @@ def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequen
         raise TensorError(f"input '{name}': values do not fit {datatype}: {exc}") from None
 
 
-def fill_contents(contents: pb.InferTensorContents, array: np.ndarray) -> None:
-    """Write ``array`` into typed contents (used by clients that prefer JSON-friendly requests)."""
-    datatype = datatype_of(array)
-    field = CONTENTS_FIELD.get(datatype)
-    if field is None:
-        raise TensorError(f"{datatype} cannot be sent as typed contents; use raw contents")
-    flat = array.reshape(-1)
-    if datatype == "BYTES":
-        getattr(contents, field).extend(
-            x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in flat
-        )
-    else:
-        getattr(contents, field).extend(flat.tolist())
-
-
 def as_bytes_array(values: Iterable[str | bytes], shape: Sequence[int] | None = None) -> np.ndarray:
     """Build a BYTES (object) array from strings or bytes."""
     items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]

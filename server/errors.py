@@ -1,8 +1,8 @@
-"""One exception hierarchy, each class carrying its gRPC status; one place maps them.
+"""One exception hierarchy, each class carrying its gRPC status (``code``) and HTTP status (``http``).
 
-Servicers and REST handlers never format tracebacks for clients: they call
-:func:`grpc_code` / :func:`http_status` on a :class:`ModelyardError`, and anything
-else becomes INTERNAL with the exception's message.
+The gRPC handlers (``grpc_service._unary``) and the REST middleware (``http_app.errors_middleware``)
+are the two places that turn them into responses; anything that is not a ModelyardError becomes
+INTERNAL with the exception's type and message (:func:`as_modelyard_error`), never a traceback.
 """
 
 from __future__ import annotations

@@ -212,9 +212,6 @@ class InstancePool:
         """Give back an instance taken with :meth:`try_acquire` but not used (no listener is told)."""
         self._free.put_nowait(inst)
 
-    def idle_count(self) -> int:
-        return self._free.qsize()
-
     def close(self) -> None:
         for inst in self.instances:
             inst.close()
