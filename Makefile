@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test venv install install-torch protos lint typecheck bench clean
+.PHONY: demo test venv install install-torch protos lint typecheck bench bench-setup clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,14 @@ venv install: $(STAMP)
 
 install-torch: .torch
 
+# MLServer 1.7.1 in a venv of its own, for benchmarks/minilm.py's comparison (its worker needs uvloop 0.21).
+.venv-mlserver/bin/mlserver:
+	$(PY) -m venv .venv-mlserver
+	.venv-mlserver/bin/pip install -q torch==2.13.0
+	.venv-mlserver/bin/pip install -q mlserver==1.7.1 uvloop==0.21.0 transformers
+
+bench-setup: .peers .torch .venv-mlserver/bin/mlserver
+
 demo: $(STAMP)
 	$(BIN)/python -m modelyard.clients.demo
 
@@ -49,4 +57,4 @@ lint: $(STAMP)
 	$(BIN)/mypy server clients protos/tensors.py
 
 clean:
-	rm -rf $(VENV) .peers .torch build *.egg-info
+	rm -rf $(VENV) .venv-mlserver .peers .torch build *.egg-info
