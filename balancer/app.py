@@ -168,7 +168,7 @@ class Balancer:
                 return
             loop.call_soon_threadsafe(self._on_worker_msg, i, msg)
 
-    def _on_worker_msg(self, i: int, msg: tuple[str, Any]) -> None:
+    def _on_worker_msg(self, i: int, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "ready":
             fut = self._ready_futs[i]

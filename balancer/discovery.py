@@ -92,7 +92,7 @@ class DnsSource:
         if self._resolver is not None:
             return list(await self._resolver(self.cfg.name))
         infos = await asyncio.get_running_loop().getaddrinfo(self.cfg.name, self.cfg.port, type=socket.SOCK_STREAM)
-        return sorted({info[4][0] for info in infos})
+        return sorted({str(info[4][0]) for info in infos})
 
     async def refresh(self) -> bool:
         try:

@@ -129,18 +129,23 @@ class Router:
         service, name = split_method(method)
         candidates = [r for r in self.routes if r.matches(service, name, None) or r.cfg.match.model]
         needs_model = method in MODEL_METHODS and any(r.cfg.match.model for r in candidates)
+        resolve: Resolver
         if not needs_model:
             fixed = next((r for r in self.routes if r.matches(service, name, None)), None)
 
-            def resolve(_msg: bytes | None, fixed: _Route | None = fixed) -> str | None:
+            def resolve_fixed(_msg: bytes | None) -> str | None:
                 return None if fixed is None else self._choose(fixed)
+
+            resolve = resolve_fixed
         else:
-            def resolve(msg: bytes | None) -> str | None:
+            def resolve_by_model(msg: bytes | None) -> str | None:
                 model = peek_model_name(msg) if msg is not None else None
                 for r in candidates:
                     if r.matches(service, name, model):
                         return self._choose(r)
                 return None
+
+            resolve = resolve_by_model
         if len(self._cache) < MAX_CACHED_METHODS:  # client-chosen method names must not grow memory forever
             self._cache[method] = (needs_model, resolve)
         return needs_model, resolve

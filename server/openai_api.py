@@ -71,7 +71,7 @@ async def embeddings(request: web.Request) -> web.Response:
                          inputs={name: as_bytes_array(texts[i:i + chunk], [len(texts[i:i + chunk]), 1])})
             for i in range(0, len(texts), chunk)]
     responses = await asyncio.gather(*(mv.infer(r) for r in reqs))
-    data = []
+    data: list[dict[str, Any]] = []
     tokens = 0
     for resp in responses:
         tokens += int(resp.parameters.get("prompt_tokens", 0))
@@ -149,7 +149,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     """GET /v1/models: the ready embedding and generation models."""
     repo = request.app[REPO_KEY]
-    data = []
+    data: list[dict[str, Any]] = []
     for entry in repo.index(ready_only=True):
         try:
             mv = repo.get(entry.name, entry.version)
