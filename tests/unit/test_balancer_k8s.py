@@ -29,7 +29,7 @@ async def test_endpointslice_list_then_watch_updates_the_pool() -> None:
         seen.append(request.query.get("labelSelector", ""))
         if request.query.get("watch") != "1":
             return web.json_response({"metadata": {"resourceVersion": "7"},
-                                      "items": [eslice("s1", ["10.0.0.1", "10.0.0.2"])]})
+                                      "items": [eslice("s1", ["127.0.10.1", "127.0.10.2"])]})
         resp = web.StreamResponse()
         await resp.prepare(request)
         while True:
@@ -57,14 +57,14 @@ async def test_endpointslice_list_then_watch_updates_the_pool() -> None:
             await asyncio.sleep(0.01)
 
     try:
-        await until({"10.0.0.1:8001", "10.0.0.2:8001"})
+        await until({"127.0.10.1:8001", "127.0.10.2:8001"})
         assert seen[0] == "kubernetes.io/service-name=models"
-        await events.put({"type": "ADDED", "object": eslice("s2", ["10.0.0.3"])})
-        await until({"10.0.0.1:8001", "10.0.0.2:8001", "10.0.0.3:8001"})
-        await events.put({"type": "MODIFIED", "object": eslice("s1", ["10.0.0.1"])})
-        await until({"10.0.0.1:8001", "10.0.0.3:8001"})
-        await events.put({"type": "MODIFIED", "object": eslice("s2", ["10.0.0.3"], ready=False)})
-        await until({"10.0.0.1:8001"})
+        await events.put({"type": "ADDED", "object": eslice("s2", ["127.0.10.3"])})
+        await until({"127.0.10.1:8001", "127.0.10.2:8001", "127.0.10.3:8001"})
+        await events.put({"type": "MODIFIED", "object": eslice("s1", ["127.0.10.1"])})
+        await until({"127.0.10.1:8001", "127.0.10.3:8001"})
+        await events.put({"type": "MODIFIED", "object": eslice("s2", ["127.0.10.3"], ready=False)})
+        await until({"127.0.10.1:8001"})
         await events.put({"type": "DELETED", "object": eslice("s1", [])})
         await until(set())
     finally:
@@ -80,7 +80,7 @@ async def test_dns_source_resolves_each_record_to_an_endpoint() -> None:
     from modelyard.balancer.discovery import DnsSource
 
     pool = Pool("p", PoolConfig(health_check=HealthCheckConfig(enabled=False)))
-    answers = [["10.0.0.1", "10.0.0.2"], ["10.0.0.2"]]
+    answers = [["127.0.10.1", "127.0.10.2"], ["127.0.10.2"]]
 
     async def resolver(name: str) -> list[str]:
         assert name == "models.ns.svc"
@@ -88,22 +88,22 @@ async def test_dns_source_resolves_each_record_to_an_endpoint() -> None:
 
     dns = DnsSource(pool, DnsConfig(name="models.ns.svc", port=8001), Stats(), resolver=resolver)
     await dns.refresh()
-    assert set(pool.endpoints) == {"10.0.0.1:8001", "10.0.0.2:8001"}
+    assert set(pool.endpoints) == {"127.0.10.1:8001", "127.0.10.2:8001"}
     await dns.refresh()
-    assert set(pool.endpoints) == {"10.0.0.2:8001"}
+    assert set(pool.endpoints) == {"127.0.10.2:8001"}
 
 
 def test_file_source_reloads_on_change_and_keeps_the_list_on_bad_input(tmp_path: Any) -> None:
     from modelyard.balancer.discovery import FileSource
 
     f = tmp_path / "eps.json"
-    f.write_text(json.dumps(["10.0.0.1:1", {"address": "10.0.0.2:1", "weight": 3}]))
+    f.write_text(json.dumps(["127.0.10.1:1", {"address": "127.0.10.2:1", "weight": 3}]))
     pool = Pool("p", PoolConfig(health_check=HealthCheckConfig(enabled=False)))
     stats = Stats()
     src = FileSource(pool, str(f), 1.0, stats)
     assert src.refresh()
-    assert pool.endpoints["10.0.0.2:1"].weight == 3
+    assert pool.endpoints["127.0.10.2:1"].weight == 3
     f.write_text("{not json")
     assert not src.refresh()
-    assert set(pool.endpoints) == {"10.0.0.1:1", "10.0.0.2:1"}
+    assert set(pool.endpoints) == {"127.0.10.1:1", "127.0.10.2:1"}
     assert stats.events[("p", "discovery_file_errors")] == 1

@@ -80,7 +80,7 @@ def test_backoff_is_jittered_and_capped() -> None:
 def make_pool(clock: FakeClock, n: int = 4, **kw: object) -> Pool:
     cfg = PoolConfig(picker="round_robin", health_check=HealthCheckConfig(enabled=False), **kw)  # type: ignore[arg-type]
     pool = Pool("p", cfg, clock=clock, rng=random.Random(0))
-    pool.set_source("static", [(f"10.0.0.{i}:1", 1.0) for i in range(n)])
+    pool.set_source("static", [(f"127.0.10.{i}:1", 1.0) for i in range(n)])
     pool.start()
     return pool
 
@@ -122,9 +122,9 @@ def test_no_panic_threshold_leaves_the_snapshot_empty() -> None:
 def test_slow_start_ramps_new_endpoints_only() -> None:
     clock = FakeClock()
     pool = make_pool(clock, n=1, slow_start=SlowStartConfig(window=10, aggression=1.0, min_weight_percent=10))
-    pool.add("10.0.0.9:1")
-    new = pool.endpoints["10.0.0.9:1"]
-    old = pool.endpoints["10.0.0.0:1"]
+    pool.add("127.0.10.9:1")
+    new = pool.endpoints["127.0.10.9:1"]
+    old = pool.endpoints["127.0.10.0:1"]
     assert old.effective_weight == 1.0 and new.effective_weight == pytest.approx(0.1)
     clock.advance(5)
     pool.rebuild()
@@ -137,19 +137,19 @@ def test_slow_start_ramps_new_endpoints_only() -> None:
 def test_record_ejects_and_rebuilds_the_snapshot() -> None:
     clock = FakeClock()
     pool = make_pool(clock, n=3, outlier_detection=OutlierConfig(consecutive_failures=2, max_ejection_percent=50))
-    bad = pool.endpoints["10.0.0.0:1"]
+    bad = pool.endpoints["127.0.10.0:1"]
     pool.record(bad, Outcome.FAILURE, 0.001, "UNAVAILABLE")
     pool.record(bad, Outcome.FAILURE, 0.001, "UNAVAILABLE")
     assert bad not in pool.snapshot.endpoints
     assert pool.stats.events[("p", "ejections")] == 1
-    assert pool.stats.requests[("p", "10.0.0.0:1", "UNAVAILABLE")] == 2
+    assert pool.stats.requests[("p", "127.0.10.0:1", "UNAVAILABLE")] == 2
 
 
 def test_sources_merge_and_removal_keeps_other_sources() -> None:
     clock = FakeClock()
     pool = make_pool(clock, n=1)
-    pool.set_source("file", [("10.0.0.0:1", 1.0), ("10.1.0.0:1", 2.0)])
-    assert set(pool.endpoints) == {"10.0.0.0:1", "10.1.0.0:1"}
+    pool.set_source("file", [("127.0.10.0:1", 1.0), ("10.1.0.0:1", 2.0)])
+    assert set(pool.endpoints) == {"127.0.10.0:1", "10.1.0.0:1"}
     pool.set_source("file", [])
-    assert set(pool.endpoints) == {"10.0.0.0:1"}  # still listed by "static"
-    assert pool.remove("10.0.0.0:1") and not pool.endpoints
+    assert set(pool.endpoints) == {"127.0.10.0:1"}  # still listed by "static"
+    assert pool.remove("127.0.10.0:1") and not pool.endpoints

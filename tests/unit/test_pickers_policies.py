@@ -27,7 +27,7 @@ def snap(*eps: Endpoint, version: int = 1) -> Snapshot:
 
 
 def eps(n: int) -> list[Endpoint]:
-    return [Endpoint(f"10.0.0.{i}:1") for i in range(n)]
+    return [Endpoint(f"127.0.10.{i}:1") for i in range(n)]
 
 
 def test_registry_names_every_policy() -> None:
