@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
 DEFAULT_URL = "127.0.0.1:8001"
@@ -87,3 +90,31 @@ def make_settings(
         max_message_bytes=max_message_bytes,
         options=tuple(channel_options),
     )
+
+
+class ClientBase:
+    """What both clients share: the settings, one channel, the inference and health stubs, the
+    metadata sent with every call. Subclasses say which kind of channel with ``_open``."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        ssl: bool = False,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.settings = make_settings(
+            url, ssl=ssl, credentials=credentials, token=token, headers=headers,
+            max_message_bytes=max_message_bytes, channel_options=channel_options,
+        )
+        self._channel = self._open(self.settings)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = self.settings.metadata()
+
+    def _open(self, settings: ChannelSettings) -> Any:
+        raise NotImplementedError

@@ -2,49 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from modelyard.clients.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_URL, make_settings
+from modelyard.clients.channel import ChannelSettings, ClientBase
 from modelyard.clients.errors import InferenceServerError
 from modelyard.clients.requests import ParamValue, build_infer_request
 from modelyard.clients.results import InferResult, decode_result, decode_stream_response
 from modelyard.protos import grpc_service_pb2 as pb
-from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
 from modelyard.protos import model_config_pb2
 
 
-class InferenceClient:
+class InferenceClient(ClientBase):
     """Blocking client for ``inference.GRPCInferenceService`` (KServe v2 / Triton) and grpc.health.v1.
 
     Every failed call raises :class:`InferenceServerError` with the gRPC status code.
     ``timeout`` arguments are seconds (None: no deadline).
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        ssl: bool = False,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.settings = make_settings(
-            url, ssl=ssl, credentials=credentials, token=token, headers=headers,
-            max_message_bytes=max_message_bytes, channel_options=channel_options,
-        )
-        self._channel = self.settings.open_sync()
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._metadata = self.settings.metadata()
+    def _open(self, settings: ChannelSettings) -> Any:
+        return settings.open_sync()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

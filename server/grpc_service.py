@@ -18,7 +18,7 @@ from modelyard import __version__
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
 from modelyard.server.codec import decode_request, encode_response
-from modelyard.server.config import ANY, to_proto
+from modelyard.server.config import to_proto
 from modelyard.server.errors import ModelyardError, Unsupported, as_modelyard_error
 from modelyard.server.model import ModelVersion
 from modelyard.server.repository import ModelRepository
@@ -80,21 +80,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name="modelyard", version=__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        mv = self.repo.get(request.name, request.version)
-        cfg = mv.config
-        batch = [-1] if cfg.max_batch_size > 0 else []
-        msg = pb.ModelMetadataResponse(
-            name=cfg.name,
-            versions=sorted(self.repo.versions(cfg.name), key=int),
-            platform=cfg.platform or cfg.backend,
-        )
-        for spec in cfg.inputs:
-            msg.inputs.add(name=spec.name, datatype=spec.datatype if spec.datatype != ANY else "ANY",
-                           shape=batch + (spec.dims if spec.dims is not None else [-1]))
-        for spec in cfg.outputs:
-            msg.outputs.add(name=spec.name, datatype=spec.datatype if spec.datatype != ANY else "ANY",
-                            shape=batch + (spec.dims if spec.dims is not None else [-1]))
-        return msg
+        return pb.ModelMetadataResponse(**self.repo.metadata(request.name, request.version))
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
         mv = self.repo.get(request.name, request.version)

@@ -17,7 +17,6 @@ from aiohttp import web
 from modelyard import __version__
 from modelyard.protos.tensors import DTYPES, TensorError, as_bytes_array, element_count
 from modelyard.server.codec import _conform
-from modelyard.server.config import ANY
 from modelyard.server.errors import InvalidInput, ModelyardError, as_modelyard_error
 from modelyard.server.grpc_service import EXTENSIONS
 from modelyard.server.metrics import ServerMetrics
@@ -157,21 +156,7 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
         return request.match_info.get("version", "")
 
     async def model_metadata(request: web.Request) -> web.Response:
-        mv = repo.get(request.match_info["model"], _version(request))
-        cfg = mv.config
-        batch = [-1] if cfg.max_batch_size > 0 else []
-
-        def spec(s: Any) -> dict[str, Any]:
-            return {"name": s.name, "datatype": s.datatype if s.datatype != ANY else "ANY",
-                    "shape": batch + (s.dims if s.dims is not None else [-1])}
-
-        return web.json_response({
-            "name": cfg.name,
-            "versions": sorted(repo.versions(cfg.name), key=int),
-            "platform": cfg.platform or cfg.backend,
-            "inputs": [spec(s) for s in cfg.inputs],
-            "outputs": [spec(s) for s in cfg.outputs],
-        })
+        return web.json_response(repo.metadata(request.match_info["model"], _version(request)))
 
     async def model_ready(request: web.Request) -> web.Response:
         ok = repo.is_ready(request.match_info["model"], _version(request))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 from modelyard.server.cache import ResponseCache, request_key
@@ -183,11 +183,7 @@ class ModelVersion:
         error: BaseException | None = None
         try:
             validate_request(self.config, request)
-            assert self.scheduler is not None
-            if self.cache is None:
-                response = await self.scheduler.infer(request)
-            else:
-                response = await self._cached_infer(request)
+            response = await self._compute(request)
             return self._shape_response(request, response)
         except BaseException as exc:
             error = exc
@@ -195,6 +191,12 @@ class ModelVersion:
         finally:
             self._finish(t0, error)
             self._leave()
+
+    def _compute(self, request: InferRequest) -> Awaitable[InferResponse]:
+        """The scheduler's answer, through the response cache when the model enables it
+        (a plain function: no extra coroutine layer on the uncached hot path)."""
+        assert self.scheduler is not None
+        return self.scheduler.infer(request) if self.cache is None else self._cached_infer(request)
 
     async def _cached_infer(self, request: InferRequest) -> InferResponse:
         assert self.cache is not None and self.scheduler is not None
@@ -231,7 +233,7 @@ class ModelVersion:
                 async for resp in self.scheduler.stream(request):
                     yield self._shape_response(request, resp)
             else:
-                resp = await (self.scheduler.infer(request) if self.cache is None else self._cached_infer(request))
+                resp = await self._compute(request)
                 yield self._shape_response(request, resp)
         except BaseException as exc:
             error = exc

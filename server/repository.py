@@ -12,8 +12,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from modelyard.server.config import ModelConfig, VersionPolicy, load_config
+from modelyard.server.config import ModelConfig, TensorSpec, VersionPolicy, load_config
 from modelyard.server.errors import (
     ConfigError,
     InvalidInput,
@@ -185,6 +186,23 @@ class ModelRepository:
         if not versions:
             raise ModelNotReady(f"model '{name}' has no loaded version")
         return versions[max(versions, key=int)]
+
+    def metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        """KServe v2 model metadata (the same document for gRPC ModelMetadata and REST)."""
+        cfg = self.get(name, version).config
+        batch = [-1] if cfg.max_batch_size > 0 else []
+
+        def tensor(spec: TensorSpec) -> dict[str, Any]:
+            # ANY inputs (identity) report datatype "ANY" and one variable dimension
+            return {"name": spec.name, "datatype": spec.datatype, "shape": batch + (spec.dims if spec.dims is not None else [-1])}
+
+        return {
+            "name": cfg.name,
+            "versions": sorted(self.versions(cfg.name), key=int),
+            "platform": cfg.platform or cfg.backend,
+            "inputs": [tensor(s) for s in cfg.inputs],
+            "outputs": [tensor(s) for s in cfg.outputs],
+        }
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
