@@ -72,7 +72,7 @@ def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = Non
     return req
 
 
-def _conform(arr: np.ndarray, cfg: ModelConfig | None, name: str) -> tuple[np.ndarray, str]:
+def conform_output(arr: np.ndarray, cfg: ModelConfig | None, name: str) -> tuple[np.ndarray, str]:
     """Cast an output to the datatype its config declares (models often compute in float64)."""
     spec = cfg.output(name) if cfg is not None else None
     if spec is not None and spec.datatype not in (ANY, "BYTES"):
@@ -91,7 +91,7 @@ def encode_response(resp: InferResponse, cfg: ModelConfig | None = None, *, deco
     """Outputs always go in raw_output_contents (the only place tritonclient reads)."""
     msg = pb.ModelInferResponse(model_name=resp.model, model_version=resp.version, id=resp.id)
     for name, value in resp.outputs.items():
-        arr, datatype = _conform(np.asarray(value) if not isinstance(value, np.ndarray) else value, cfg, name)
+        arr, datatype = conform_output(np.asarray(value) if not isinstance(value, np.ndarray) else value, cfg, name)
         msg.outputs.add(name=name, datatype=datatype, shape=arr.shape)
         msg.raw_output_contents.append(to_raw(arr))
     for key, value in resp.parameters.items():

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from modelyard import __version__
 from modelyard.protos.tensors import DTYPES, TensorError, as_bytes_array, element_count
-from modelyard.server.codec import _conform
+from modelyard.server.codec import conform_output
 from modelyard.server.errors import InvalidInput, ModelyardError, as_modelyard_error
 from modelyard.server.grpc_service import EXTENSIONS
 from modelyard.server.metrics import ServerMetrics
@@ -90,7 +90,7 @@ def array_to_json(name: str, arr: np.ndarray, datatype: str) -> dict[str, Any]:
 def response_to_json(resp: InferResponse, cfg: Any) -> dict[str, Any]:
     outputs = []
     for name, value in resp.outputs.items():
-        arr, datatype = _conform(np.asarray(value), cfg, name)
+        arr, datatype = conform_output(np.asarray(value), cfg, name)
         outputs.append(array_to_json(name, arr, datatype))
     body: dict[str, Any] = {"model_name": resp.model, "model_version": resp.version, "outputs": outputs}
     if resp.id:
