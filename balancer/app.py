@@ -21,12 +21,11 @@ import random
 import threading
 from typing import Any
 
-import grpc
-
 from modelyard.balancer.admin import build_admin_app
 from modelyard.balancer.clock import MONOTONIC, Clock
 from modelyard.balancer.config import BalancerConfig, config_to_dict
 from modelyard.balancer.discovery import DnsSource, FileSource
+from modelyard.balancer.h2.connection import Flusher
 from modelyard.balancer.health import GrpcHealthProbe, HealthChecker
 from modelyard.balancer.metrics import BalancerCollector, Stats, make_registry, merge_dumps
 from modelyard.balancer.pool import Pool
@@ -35,14 +34,6 @@ from modelyard.balancer.routing import Router
 from modelyard.balancer.upstream import Upstream
 
 log = logging.getLogger("modelyard.balancer")
-
-
-def server_options(cfg: BalancerConfig, reuseport: bool) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.so_reuseport", 1 if reuseport else 0),
-        ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ("grpc.max_receive_message_length", cfg.max_message_bytes),
-    ]
 
 
 class Balancer:
@@ -60,14 +51,17 @@ class Balancer:
         self.stats = Stats()
         self.router = Router(cfg.routes, random.Random(self.rng.random()))
         self.pools: dict[str, Pool] = {}
+        #: one write-coalescing flusher for every connection of this process
+        self.flusher = Flusher()
         for name, pcfg in cfg.pools.items():
-            factory = (lambda a, p=pcfg: Upstream(a, p.channels_per_endpoint, cfg.max_message_bytes)) if serves else None
+            factory = (lambda a, p=pcfg: Upstream(a, p.channels_per_endpoint, self.flusher)) if serves else None
             self.pools[name] = Pool(name, pcfg, clock=clock, rng=random.Random(self.rng.random()), stats=self.stats,
                                     upstream_factory=factory, on_change=self._on_pool_change)
         self.proxy = Proxy(self.router, self.pools, default_unary_methods() | set(cfg.unary_methods),
-                           clock=clock, rng=random.Random(self.rng.random()))
+                           clock=clock, rng=random.Random(self.rng.random()), flusher=self.flusher,
+                           max_message_bytes=cfg.max_message_bytes)
         self.registry = make_registry(BalancerCollector(self._stats_dump, self.endpoint_rows))
-        self.server: grpc.aio.Server | None = None
+        self.serving = False
         self.ports: list[int] = []
         self.admin_port: int | None = None
         self.draining = False
@@ -119,13 +113,12 @@ class Balancer:
             await self._start_admin()
 
     async def _start_server(self, reuseport: bool) -> None:
-        self.server = grpc.aio.server(handlers=[self.proxy], options=server_options(self.cfg, reuseport))
+        self.serving = True
         for lst in self.cfg.listeners:
-            port = self.server.add_insecure_port(lst.address)
-            if port == 0:
-                raise OSError(f"cannot listen on {lst.address}")
-            self.ports.append(port)
-        await self.server.start()
+            try:
+                self.ports.append(await self.proxy.listen(lst.address, reuse_port=reuseport))
+            except OSError as exc:
+                raise OSError(f"cannot listen on {lst.address}: {exc.strerror or exc}") from exc
 
     async def _start_admin(self) -> None:
         from aiohttp import web
@@ -240,8 +233,8 @@ class Balancer:
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(("drain",))
         await asyncio.sleep(self.cfg.drain.delay)
-        if self.server is not None:
-            await self.server.stop(self.cfg.drain.grace)
+        if self.serving:
+            await self.proxy.shutdown(self.cfg.drain.grace)
         for proc, _ in self._workers:
             await asyncio.get_running_loop().run_in_executor(None, proc.join, self.cfg.drain.grace + 5)
         self._drained.set()
@@ -256,8 +249,8 @@ class Balancer:
             t.cancel()
         for checker in self._checkers.values():
             await checker.close()
-        if self.server is not None:
-            await self.server.stop(0)
+        if self.serving:
+            await self.proxy.shutdown(0)
         for proc, conn in self._workers:
             with contextlib.suppress(OSError):
                 conn.close()

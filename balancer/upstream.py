@@ -1,74 +1,203 @@
-"""Connection pooling to one upstream endpoint: a few HTTP/2 channels, raw-bytes call objects."""
+"""Connections to one upstream endpoint: up to ``channels`` HTTP/2 connections, streams spread over them.
+
+A connection is usable the moment it is created: the preface, our SETTINGS and the
+first streams are queued and written when TCP connects (HTTP/2 lets a client send
+before the server's SETTINGS arrive). A failed connect puts the endpoint in a short
+backoff (100 ms doubling to 2 s) during which :meth:`Upstream.connection` returns
+None, so the proxy retries elsewhere at once instead of queueing behind a dead host.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
 from typing import Any
 
-import grpc
+from modelyard.balancer.h2.connection import (
+    MAX_STREAM_ID,
+    NO_ERROR,
+    PREFACE,
+    REFUSED_STREAM,
+    S_ENABLE_PUSH,
+    S_INITIAL_WINDOW_SIZE,
+    S_MAX_FRAME_SIZE,
+    STREAM_WINDOW,
+    Flusher,
+    H2Connection,
+    Stream,
+)
+from modelyard.balancer.h2.hpack import Headers
 
-from modelyard.balancer.routing import MAX_CACHED_METHODS
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 2.0
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Options for upstream channels: own connection per channel, quick reconnects, big messages."""
-    return [
-        # without this, channels to one address share a subchannel (one TCP connection)
-        ("grpc.use_local_subchannel_pool", 1),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.enable_retries", 0),
-        ("grpc.keepalive_time_ms", 30000),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class UpstreamConnection(H2Connection):
+    """The client side of one HTTP/2 connection to an endpoint."""
+
+    local_settings = {S_ENABLE_PUSH: 0, S_INITIAL_WINDOW_SIZE: STREAM_WINDOW, S_MAX_FRAME_SIZE: 16384}
+
+    def __init__(self, upstream: Upstream) -> None:
+        super().__init__(upstream.flusher)
+        self.upstream = upstream
+        self.next_sid = 1
+        self.connected = False
+        #: no new streams (GOAWAY received, ids exhausted, or closing)
+        self.retiring = False
+        self.write(PREFACE + self._open_frames())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> None:
+        host, port = split_address(self.upstream.address)
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: self, host, port)
+        except OSError as exc:
+            self.upstream.connect_failed(self, exc)
+            self._fail_all(f"connect to {self.upstream.address} failed: {exc.strerror or exc}")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.connected = True
+        self.upstream.connect_succeeded()
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.upstream.forget(self)
+        self._fail_all(f"connection to {self.upstream.address} lost" + (f": {exc}" if exc else ""))
+
+    def _fail_all(self, reason: str) -> None:
+        self.closed = True
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for st in streams:
+            st.local_closed = st.remote_closed = True
+            if st.call is not None:
+                st.call.upstream_failed(reason, refused=not self.connected)
+
+    # ------------------------------------------------------------------ streams
+
+    def open_stream(self, call: Any) -> Stream:
+        sid = self.next_sid
+        self.next_sid += 2
+        if self.next_sid > MAX_STREAM_ID:
+            self.retire()
+        st = Stream(sid, self)
+        st.call = call
+        self.streams[sid] = st
+        return st
+
+    def on_headers(self, sid: int, headers: Headers, end_stream: bool) -> None:
+        st = self.streams.get(sid)
+        if st is None:
+            return
+        if end_stream:
+            st.remote_closed = True
+        if st.call is not None:
+            st.call.upstream_headers(headers, end_stream)
+        if end_stream:
+            self._remote_close(st)
+
+    def on_data(self, st: Stream, data: bytes, end_stream: bool) -> None:
+        if st.call is not None:
+            st.call.upstream_data(data, end_stream)
+
+    def on_reset(self, st: Stream, code: int) -> None:
+        if st.call is not None:
+            st.call.upstream_failed(f"upstream {self.upstream.address} reset the stream (HTTP/2 error {code})",
+                                    refused=code == REFUSED_STREAM)
+
+    def on_goaway(self, last_stream: int, code: int, debug: bytes) -> None:
+        self.retire()
+        for sid in [s for s in self.streams if s > last_stream]:
+            st = self.streams.pop(sid)
+            st.local_closed = st.remote_closed = True
+            if st.call is not None:
+                st.call.upstream_failed(f"upstream {self.upstream.address} is going away", refused=True)
+        if not self.streams:
+            self.close()
+
+    def stream_closed(self, st: Stream) -> None:
+        st.call = None
+        if self.retiring and not self.streams:
+            self.close()
+
+    def retire(self) -> None:
+        """Take no new streams; close once the current ones finish."""
+        if not self.retiring:
+            self.retiring = True
+            self.upstream.forget(self)
 
 
 class Upstream:
-    """``channels`` channels to one address; multicallables are cached per method and rotated."""
+    """Up to ``channels`` connections to one address, used round-robin."""
 
-    __slots__ = ("_i", "_stream", "_unary", "address", "channels", "ready")
+    __slots__ = ("_rr", "address", "backoff", "channels", "closed", "conns", "flusher", "last_error", "retry_at",
+                 "tasks")
 
-    def __init__(self, address: str, channels: int, max_message_bytes: int) -> None:
+    def __init__(self, address: str, channels: int, flusher: Flusher) -> None:
         self.address = address
-        opts = channel_options(max_message_bytes)
-        self.channels = [grpc.aio.insecure_channel(address, options=opts) for _ in range(channels)]
-        self._unary: dict[str, list[Callable[..., Any]]] = {}
-        self._stream: dict[str, list[Callable[..., Any]]] = {}
-        self._i = 0
-        #: a channel was READY at the last check; the proxy then skips the per-call state check
-        #: until an attempt fails (checking every channel's state per call costs ~1% of a core)
-        self.ready = False
+        self.channels = max(1, channels)
+        self.flusher = flusher
+        self.conns: list[UpstreamConnection] = []
+        self._rr = 0
+        self.retry_at = 0.0
+        self.backoff = BACKOFF_MIN
+        self.last_error = ""
+        self.closed = False
+        self.tasks: set[asyncio.Task[None]] = set()
 
-    def unary(self, method: str) -> Callable[..., Any]:
-        """A unary-unary callable taking and returning bytes, on the next channel."""
-        mcs = self._unary.get(method)
-        if mcs is None:
-            # _registered_method avoids grpc's per-call method-name lookup where supported
-            mcs = [ch.unary_unary(method) for ch in self.channels]
-            if len(self._unary) < MAX_CACHED_METHODS:
-                self._unary[method] = mcs
-        self._i += 1
-        return mcs[self._i % len(mcs)]
+    def connection(self) -> UpstreamConnection | None:
+        """A connection to open the next stream on; None while connecting is in backoff."""
+        conns = self.conns
+        n = len(conns)
+        if n >= self.channels:
+            self._rr += 1
+            return conns[self._rr % n]
+        loop = asyncio.get_running_loop()
+        if self.closed or loop.time() < self.retry_at:
+            return conns[0] if n else None
+        c = UpstreamConnection(self)
+        conns.append(c)
+        task = loop.create_task(c.connect())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return c
 
-    def stream(self, method: str) -> Callable[..., Any]:
-        """A stream-stream callable (any call kind is wire-compatible with it)."""
-        mcs = self._stream.get(method)
-        if mcs is None:
-            mcs = [ch.stream_stream(method) for ch in self.channels]
-            if len(self._stream) < MAX_CACHED_METHODS:
-                self._stream[method] = mcs
-        self._i += 1
-        return mcs[self._i % len(mcs)]
+    def connect_failed(self, conn: UpstreamConnection, exc: OSError) -> None:
+        self.forget(conn)
+        self.last_error = str(exc)
+        self.retry_at = asyncio.get_running_loop().time() + self.backoff
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
-    def connecting(self) -> bool:
-        """True when no channel is READY yet (requests sent now wait for a connection)."""
-        ready = any(ch.get_state(False) is grpc.ChannelConnectivity.READY for ch in self.channels)
-        self.ready = ready
-        return not ready
+    def connect_succeeded(self) -> None:
+        self.backoff = BACKOFF_MIN
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self.conns.remove(conn)
 
     async def close(self, grace: float | None = None) -> None:
-        for ch in self.channels:
-            await ch.close(grace)
+        """GOAWAY every connection, let streams finish for up to ``grace`` seconds, then close."""
+        self.closed = True
+        conns = list(self.conns)
+        for c in conns:
+            c.retire()
+            if not c.closed and c.connected:
+                c.send_goaway(NO_ERROR)
+        if grace:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + grace
+            while any(c.streams for c in conns) and loop.time() < end:
+                await asyncio.sleep(0.02)
+        for c in conns:
+            c.close()
+        for t in list(self.tasks):
+            t.cancel()
