@@ -25,9 +25,11 @@ remaining (min with the pool timeout) on every attempt, and the proxy enforces i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
+from typing import Any
 
 from modelyard.balancer.clock import MONOTONIC, Clock
 from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome
@@ -42,9 +44,9 @@ from modelyard.balancer.h2.connection import (
     S_MAX_CONCURRENT_STREAMS,
     S_MAX_FRAME_SIZE,
     STREAM_WINDOW,
-    ConnectionError_,
     Flusher,
     H2Connection,
+    H2ProtocolError,
     Stream,
 )
 from modelyard.balancer.h2.hpack import Headers, encode, encode_field
@@ -179,6 +181,9 @@ class RequestHead:
 class DownstreamConnection(H2Connection):
     """The server side of one client connection."""
 
+    transport: Any
+    last_peer_stream: int
+
     local_settings = {S_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                       S_MAX_FRAME_SIZE: 16384}
 
@@ -189,7 +194,7 @@ class DownstreamConnection(H2Connection):
         self._preface_done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
         self.proxy.connections.add(self)
         self.write(self._open_frames())
         if self.proxy.draining_connections:
@@ -242,7 +247,7 @@ class DownstreamConnection(H2Connection):
                 self._remote_close(st)
             return
         if sid % 2 == 0 or sid <= self.last_peer_stream:
-            raise ConnectionError_(PROTOCOL_ERROR, f"bad stream id {sid}")
+            raise H2ProtocolError(PROTOCOL_ERROR, f"bad stream id {sid}")
         self.last_peer_stream = sid
         st = Stream(sid, self)
         self.streams[sid] = st
@@ -435,6 +440,8 @@ class Call:
         pool = self.pool
         proxy = self.proxy
         proxy.in_flight -= 1
+        if not proxy.in_flight and proxy.idle is not None:
+            proxy.idle.set()
         if pool is not None:
             pool.active -= 1
             pool.stats.observe_latency(pool.name, proxy.clock.now() - self.start)
@@ -473,6 +480,8 @@ class Proxy:
         self.connections: set[DownstreamConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._heads: dict[Headers, RequestHead] = {}
+        #: set when in_flight drops to 0 during shutdown
+        self.idle: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ listening
 
@@ -495,11 +504,10 @@ class Proxy:
             if not c.streams:
                 c.close()
         self.flusher.run()
-        if grace:
-            loop = asyncio.get_running_loop()
-            end = loop.time() + grace
-            while self.in_flight and loop.time() < end:
-                await asyncio.sleep(0.02)
+        if grace and self.in_flight:
+            self.idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), grace)
         for c in list(self.connections):
             c.close()
         for s in self.servers:

@@ -50,6 +50,8 @@ class UpstreamConnection(H2Connection):
         self.connected = False
         #: no new streams (GOAWAY received, ids exhausted, or closing)
         self.retiring = False
+        #: set when the last stream closes while retiring (Upstream.close waits on it)
+        self.idle: asyncio.Event | None = None
         self.write(PREFACE + self._open_frames())
 
     # ------------------------------------------------------------------ lifecycle
@@ -63,7 +65,7 @@ class UpstreamConnection(H2Connection):
             self._fail_all(f"connect to {self.upstream.address} failed: {exc.strerror or exc}")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
         self.connected = True
         self.upstream.connect_succeeded()
         self.flush()
@@ -127,6 +129,8 @@ class UpstreamConnection(H2Connection):
     def stream_closed(self, st: Stream) -> None:
         st.call = None
         if self.retiring and not self.streams:
+            if self.idle is not None:
+                self.idle.set()
             self.close()
 
     def retire(self) -> None:
@@ -192,11 +196,12 @@ class Upstream:
             c.retire()
             if not c.closed and c.connected:
                 c.send_goaway(NO_ERROR)
-        if grace:
-            loop = asyncio.get_running_loop()
-            end = loop.time() + grace
-            while any(c.streams for c in conns) and loop.time() < end:
-                await asyncio.sleep(0.02)
+        busy = [c for c in conns if c.streams]
+        if grace and busy:
+            for c in busy:
+                c.idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(c.idle.wait() for c in busy if c.idle)), grace)
         for c in conns:
             c.close()
         for t in list(self.tasks):

@@ -66,7 +66,7 @@ def window_update(sid: int, increment: int) -> bytes:
     return frame(WINDOW_UPDATE, 0, sid, _U32.pack(increment))
 
 
-class ConnectionError_(Exception):  # noqa: N801 - not the builtin
+class H2ProtocolError(Exception):
     """A connection-level protocol error: GOAWAY with ``code``, then close."""
 
     def __init__(self, code: int, message: str) -> None:
@@ -127,12 +127,13 @@ class Stream:
 class H2Connection(asyncio.Protocol):
     """Frame parsing, settings, pings, windows and the send queue; subclasses handle streams."""
 
+    last_peer_stream: int
     #: SETTINGS we send right after the preface (subclasses may extend)
     local_settings: dict[int, int] = {S_INITIAL_WINDOW_SIZE: STREAM_WINDOW, S_MAX_FRAME_SIZE: MAX_FRAME}
 
     def __init__(self, flusher: Flusher) -> None:
         self.flusher = flusher
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None
         self._buf = b""
         self._wbuf: list[bytes] = []
         self.decoder = Decoder()
@@ -146,7 +147,7 @@ class H2Connection(asyncio.Protocol):
         self._blocked: dict[Stream, None] = {}
         self.closed = False
         self.goaway_sent = False
-        self.last_peer_stream = 0
+        self.last_peer_stream: int = 0
 
     def _open_frames(self) -> bytes:
         return settings_frame(self.local_settings) + window_update(0, CONN_WINDOW - DEFAULT_WINDOW)
@@ -298,7 +299,7 @@ class H2Connection(asyncio.Protocol):
         fl.depth += 1
         try:
             self._receive(data)
-        except ConnectionError_ as exc:
+        except H2ProtocolError as exc:
             self._fail_connection(exc.code, str(exc))
         except Exception:  # a bug must cost one connection, never the process
             log.exception("HTTP/2 connection error")
@@ -326,14 +327,14 @@ class H2Connection(asyncio.Protocol):
             length = (hi << 16) | lo
             end = pos + 9 + length
             if length > MAX_FRAME:
-                raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes over {MAX_FRAME}")
+                raise H2ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes over {MAX_FRAME}")
             if end > n:
                 break
             payload = data[pos + 9:end]
             pos = end
             sid &= MAX_STREAM_ID
             if self._cont is not None and ftype != CONTINUATION:
-                raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+                raise H2ProtocolError(PROTOCOL_ERROR, "expected CONTINUATION")
             if ftype == DATA:
                 self.recv_unacked += length
                 if self.recv_unacked >= CONN_WINDOW // 2:
@@ -361,18 +362,18 @@ class H2Connection(asyncio.Protocol):
                 self._headers(sid, payload, flags)
             elif ftype == CONTINUATION:
                 if self._cont is None or self._cont[0] != sid:
-                    raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+                    raise H2ProtocolError(PROTOCOL_ERROR, "unexpected CONTINUATION")
                 buf = self._cont[2]
                 buf += payload
                 if len(buf) > MAX_HEADER_BLOCK:
-                    raise ConnectionError_(PROTOCOL_ERROR, "header block too large")
+                    raise H2ProtocolError(PROTOCOL_ERROR, "header block too large")
                 if flags & END_HEADERS:
                     csid, cflags, _ = self._cont
                     self._cont = None
                     self._headers(csid, bytes(buf), cflags)
             elif ftype == WINDOW_UPDATE:
                 if length != 4:
-                    raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE of wrong size")
+                    raise H2ProtocolError(FRAME_SIZE_ERROR, "WINDOW_UPDATE of wrong size")
                 inc = _U32.unpack(payload)[0] & MAX_STREAM_ID
                 if sid == 0:
                     self.send_window += inc
@@ -403,7 +404,7 @@ class H2Connection(asyncio.Protocol):
                 last, code = _U32X2.unpack_from(payload)
                 self.on_goaway(last & MAX_STREAM_ID, code, payload[8:])
             elif ftype == PUSH_PROMISE:
-                raise ConnectionError_(PROTOCOL_ERROR, "push is disabled")
+                raise H2ProtocolError(PROTOCOL_ERROR, "push is disabled")
             # PRIORITY and unknown frame types are ignored
             if self.closed:
                 return
@@ -413,17 +414,17 @@ class H2Connection(asyncio.Protocol):
         try:
             headers = self.decoder.decode(block)
         except HpackError as exc:
-            raise ConnectionError_(COMPRESSION_ERROR, str(exc)) from exc
+            raise H2ProtocolError(COMPRESSION_ERROR, str(exc)) from exc
         self.on_headers(sid, headers, bool(flags & END_STREAM))
 
     def _settings(self, payload: bytes) -> None:
         if len(payload) % 6:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS of wrong size")
+            raise H2ProtocolError(FRAME_SIZE_ERROR, "SETTINGS of wrong size")
         for i in range(0, len(payload), 6):
             ident, value = _SETTING.unpack_from(payload, i)
             if ident == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_STREAM_ID:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
+                    raise H2ProtocolError(FLOW_CONTROL_ERROR, "initial window too large")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for st in self.streams.values():
@@ -434,7 +435,7 @@ class H2Connection(asyncio.Protocol):
                             self._drain_stream(st)
             elif ident == S_MAX_FRAME_SIZE:
                 if not 16384 <= value <= 16777215:
-                    raise ConnectionError_(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
+                    raise H2ProtocolError(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
                 self.peer_max_frame = value
             elif ident == S_MAX_CONCURRENT_STREAMS:
                 self.peer_max_streams = value

@@ -325,3 +325,76 @@ async def test_upstream_reset_mid_stream_gives_unavailable_not_a_hang() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_large_messages_and_long_streams_cross_flow_control_windows(backends: list[Backend]) -> None:
+    big = bytes(range(256)) * (12 * 1024)  # 3 MiB: over our 1 MiB stream window and grpc's 64 KiB default
+    opts = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
+    async with balancer({"p": pool_of(backends[0].address)}) as b:
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{b.ports[0]}", options=opts)
+        try:
+            assert await ch.unary_unary("/t.T/Unary")(big, timeout=30) == big
+            call = ch.stream_stream("/t.T/Bidi")()
+            chunk = b"z" * 16384
+            for i in range(200):  # 3 MiB each way, one message at a time
+                await call.write(chunk + str(i).encode())
+                assert await call.read() == b"a:" + chunk + str(i).encode()
+            await call.done_writing()
+            assert await call.code() is grpc.StatusCode.OK
+            many = await asyncio.gather(*(ch.unary_unary("/t.T/Unary")(bytes([i]) * 70000, timeout=30)
+                                          for i in range(100)))
+            assert many == [bytes([i]) * 70000 for i in range(100)]
+        finally:
+            await ch.close()
+        pool = b.pools["p"]
+        await until(lambda: pool.active == 0 and all(e.outstanding == 0 for e in pool.endpoints.values()),
+                    what="all calls accounted")
+        up = pool.endpoints[backends[0].address].extra["upstream"]
+        await until(lambda: all(not c.streams for c in up.conns), what="upstream streams closed")
+
+
+async def _h2_exchange(port: int, payload: bytes, until_frame: Any) -> list[tuple[int, int, int, bytes]]:
+    """Send raw bytes after the preface; collect frames until ``until_frame(frame)`` or EOF."""
+    from modelyard.balancer.h2 import connection as h2
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(h2.PREFACE + h2.settings_frame({}) + payload)
+    frames: list[tuple[int, int, int, bytes]] = []
+    buf = b""
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                return frames
+            buf += data
+            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                n = int.from_bytes(buf[:3], "big")
+                f = (buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9:9 + n])
+                buf = buf[9 + n:]
+                frames.append(f)
+                if until_frame(f):
+                    return frames
+    finally:
+        writer.close()
+
+
+async def test_raw_http2_non_grpc_requests_get_http_errors_and_bad_hpack_a_goaway(backends: list[Backend]) -> None:
+    from modelyard.balancer.h2 import connection as h2
+    from modelyard.balancer.h2.hpack import Decoder, encode
+
+    get = encode(((b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"x")))
+    text = encode(((b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/t.T/Unary"),
+                   (b"content-type", b"text/plain")))
+    flags = h2.END_HEADERS | h2.END_STREAM
+    async with balancer({"p": pool_of(backends[0].address)}) as b, channel(b) as ch:
+        port = b.ports[0]
+        frames = await _h2_exchange(port, h2.frame(h2.HEADERS, flags, 1, get) + h2.frame(h2.HEADERS, flags, 3, text),
+                                    lambda f: f[0] == h2.HEADERS and f[2] == 3)
+        dec = Decoder()
+        status = {f[2]: dict(dec.decode(f[3]))[b":status"] for f in frames if f[0] == h2.HEADERS}
+        assert status == {1: b"405", 3: b"415"}
+        frames = await _h2_exchange(port, h2.frame(h2.HEADERS, flags, 1, b"\xff\xff\xff\xff\xff"),
+                                    lambda f: f[0] == h2.GOAWAY)
+        goaway = [f for f in frames if f[0] == h2.GOAWAY]
+        assert goaway and int.from_bytes(goaway[0][3][4:8], "big") == h2.COMPRESSION_ERROR
+        assert await ch.unary_unary("/t.T/Unary")(b"still ok", timeout=5) == b"still ok"
