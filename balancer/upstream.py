@@ -164,7 +164,12 @@ class Upstream:
         n = len(conns)
         if n >= self.channels:
             self._rr += 1
-            return conns[self._rr % n]
+            c = conns[self._rr % n]
+            if len(c.streams) < c.peer_max_streams:
+                return c
+            # at the server's SETTINGS_MAX_CONCURRENT_STREAMS: another connection, or let the
+            # server refuse the stream (REFUSED_STREAM is retried like a refused connection)
+            return min(conns, key=lambda x: len(x.streams) / max(1, x.peer_max_streams))
         loop = asyncio.get_running_loop()
         if self.closed or loop.time() < self.retry_at:
             return conns[0] if n else None

@@ -199,12 +199,16 @@ def h2load_available() -> bool:
 def run_h2load(port: int, path: str, frame_file: Path, clients: int, requests: int | None = None,
                duration: float | None = None, streams: int = 1, threads: int = 1,
                warmup: float | None = None, timeout: float = 120.0,
-               log_file: Path | None = None, rps: int | None = None) -> dict[str, Any]:
+               log_file: Path | None = None, rps: int | None = None,
+               stagger: bool = False) -> dict[str, Any]:
     """Drive ``POST path`` over h2c with a pre-framed gRPC body; parse the summary.
 
     Each client is one HTTP/2 connection with ``streams`` concurrent streams (``-m``).
     With ``rps``, each client sends at most that many requests per second (``--rps``), so the
     offered load is bounded by ``clients * rps`` instead of by how fast the target answers.
+    h2load starts every client at once, so their paced requests leave in bursts of ``clients``;
+    ``stagger`` opens one connection every ``1 / (clients * rps)`` s instead (``-r 1 --rate-period``),
+    which spreads the same load evenly, as independent clients would.
     With ``log_file``, h2load logs every request; p50/p90/p99/p99.9 and the samples (``latencies_ms``) are added.
     """
     args = ["h2load", "-c", str(clients), "-m", str(streams), "-t", str(min(threads, clients)),
@@ -218,6 +222,9 @@ def run_h2load(port: int, path: str, frame_file: Path, clients: int, requests: i
         args += ["-n", str(requests or clients * 100)]
     if rps is not None:
         args.append(f"--rps={rps}")
+        if stagger:
+            # h2load takes whole milliseconds here
+            args += ["-r", "1", f"--rate-period={max(1, round(1000 / (clients * rps)))}ms"]
     if log_file is not None:
         args.append(f"--log-file={log_file}")
     args.append(f"http://127.0.0.1:{port}{path}")

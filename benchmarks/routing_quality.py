@@ -6,14 +6,19 @@ behind the balancer:
   slow:  one backend adds 50 ms to every request;
   stall: one backend stalls 2 s on 1% of its requests.
 Baseline: a healthy 2-backend pool (round_robin, and peak_ewma). Load: h2load with c=32 connections,
-one stream each (at most 32 requests in flight), each paced to ``--rps-per-client`` (default 15, i.e.
-~480 req/s offered), for ``--requests`` per policy. An unpaced closed loop at c=32 over 5 ms backends
+one stream each (at most 32 requests in flight), each paced to ``--rps-per-client`` (default 10, i.e.
+~320 req/s offered), for ``--requests`` per policy. The clients' start times are staggered so that the
+paced requests arrive evenly, as from independent clients; ``--burst`` keeps h2load's default of
+starting every client at once, so that all 32 send in the same instant every 1/rps seconds (a harsh
+case for peak EWMA: a burst of 32 makes ``rtt * (outstanding + 1)`` of the fast backends exceed the
+slow one's, so a few requests of every burst go to the slow backend). An unpaced closed loop at c=32 over 5 ms backends
 would offer ~6400 req/s, far more than the Python proxy plus three Python backends can serve on two
 cores: latency is then CPU queueing (the old benchmark's healthy p50 was 21 ms), not routing.
 Latencies are h2load's per-request times from its --log-file (send to end of response). Reports
 p50/p99/p99.9 per policy, writes JSON and latency-CDF PNGs to benchmarks/results/.
 
-    .venv/bin/python benchmarks/routing_quality.py [--requests 4000] [--concurrency 32] [--rps-per-client 15]
+    .venv/bin/python benchmarks/routing_quality.py [--requests 4000] [--concurrency 32] [--rps-per-client 10]
+                                                   [--burst]
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def run_one(cmd: list[str], port: int, a: argparse.Namespace, frame: Path, log: 
     with h.start(cmd, port):
         h.run_h2load(port, METHOD, frame, clients=4, requests=200)  # warm up connections
         r = h.run_h2load(port, METHOD, frame, clients=a.concurrency, requests=a.requests, rps=a.rps_per_client,
-                         log_file=log, timeout=300)
+                         log_file=log, timeout=300, stagger=not a.burst)
         return {"latencies_ms": r.get("latencies_ms", []), "rps": r["rps"],
                 "errors": {"failed": r.get("failed", 0) + r.get("errored", 0)}}
 
@@ -57,7 +62,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rps-per-client", type=int, default=15, help="h2load --rps per connection")
+    ap.add_argument("--rps-per-client", type=int, default=10, help="h2load --rps per connection")
+    ap.add_argument("--burst", action="store_true",
+                    help="start all clients at once (synchronized bursts) instead of staggering them")
     ap.add_argument("--base-ms", type=float, default=5.0, help="every backend's service time (asyncio.sleep)")
     ap.add_argument("--no-envoy", action="store_true")
     a = ap.parse_args()
@@ -114,15 +121,16 @@ def main() -> int:
     print("\nsummary (targets: peak_ewma p99 <= 1.25x healthy 2-backend p99, <= 0.5x Envoy least_request)")
     for k, v in summary.items():
         print(f"  {k}: {v:.3f}")
-    plot(samples)
-    path = h.write_json("routing_quality", {"concurrency": a.concurrency, "requests": a.requests,
+    plot(samples, "_burst" if a.burst else "")
+    name = "routing_quality_burst" if a.burst else "routing_quality"
+    path = h.write_json(name, {"concurrency": a.concurrency, "requests": a.requests, "burst": a.burst,
                                             "rps_per_client": a.rps_per_client, "base_ms": base,
                                             "scenarios": SCENARIOS, "rows": rows, "summary": summary})
     print(f"wrote {path}")
     return 0
 
 
-def plot(samples: dict[str, dict[str, list[float]]]) -> None:
+def plot(samples: dict[str, dict[str, list[float]]], suffix: str = "") -> None:
     """One PNG per scenario: empirical latency CDF per policy, log-x."""
     import matplotlib
 
@@ -143,7 +151,7 @@ def plot(samples: dict[str, dict[str, list[float]]]) -> None:
         ax.set_title(f"routing quality: {scenario}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        out = h.RESULTS / f"routing_quality_{scenario}.png"
+        out = h.RESULTS / f"routing_quality_{scenario}{suffix}.png"
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
         print(f"wrote {out}")
