@@ -107,7 +107,7 @@ class KubernetesConfig:
     namespace: str = "default"
     #: port name in the slice; empty = the first port
     port_name: str = ""
-    #: API server URL; empty = in-cluster config, then ~/.kube/config
+    #: API server URL (no auth); empty = the in-cluster service-account config
     api_server: str = ""
 
 

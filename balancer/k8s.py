@@ -1,9 +1,11 @@
 """Kubernetes EndpointSlice discovery: list, then watch, the slices of one Service.
 
-Talks to the API server's REST endpoints directly with aiohttp
-(``/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices?labelSelector=kubernetes.io/service-name={svc}``
-then ``&watch=1&resourceVersion=...``); in-cluster it uses the service-account token. Ready
-endpoints (``conditions.ready`` not false) become ``ip:port`` for the configured port name.
+Uses kubernetes-asyncio's ``DiscoveryV1Api.list_namespaced_endpoint_slice`` with
+``labelSelector=kubernetes.io/service-name=<service>``, then a watch from the list's
+resourceVersion (re-listed after every closed, expired or failed watch). In-cluster it
+loads the service-account config; ``api_server`` points it at any other API server
+(the tests run a small in-test HTTP server speaking these endpoints). Ready endpoints
+(``conditions.ready`` not false) become ``ip:port`` for the configured port name.
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import ssl
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,8 +21,10 @@ from modelyard.balancer.config import KubernetesConfig
 from modelyard.balancer.metrics import Stats
 from modelyard.balancer.pool import Pool
 
+#: seconds a watch request stays open before the API server ends it and we re-list
+WATCH_TIMEOUT = 300
+
 log = logging.getLogger("modelyard.balancer.k8s")
-SA = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 def slice_endpoints(item: dict[str, Any], port_name: str) -> list[str]:
@@ -52,37 +53,42 @@ class EndpointSliceSource:
         addrs = sorted({a for eps in self.slices.values() for a in eps})
         self.pool.set_source("kubernetes", [(a, 1.0) for a in addrs])
 
-    def _conn(self) -> tuple[str, dict[str, str], Any]:
+    def _api_client(self) -> Any:
+        from kubernetes_asyncio import client, config
+
         if self.cfg.api_server:
-            return self.cfg.api_server.rstrip("/"), {}, None
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        if not host:
-            raise RuntimeError("no api_server configured and not running in a cluster")
-        ctx = ssl.create_default_context(cafile=str(SA / "ca.crt"))
-        token = (SA / "token").read_text().strip()
-        return f"https://{host}:{port}", {"Authorization": f"Bearer {token}"}, ctx
+            return client.ApiClient(client.Configuration(host=self.cfg.api_server.rstrip("/")))
+        config.load_incluster_config()  # raises ConfigException outside a cluster
+        return client.ApiClient()
 
     async def run(self) -> None:
-        base, headers, ctx = self._conn()
-        url = (f"{base}/apis/discovery.k8s.io/v1/namespaces/{self.cfg.namespace}/endpointslices"
-               f"?labelSelector=kubernetes.io%2Fservice-name%3D{self.cfg.service}")
-        async with aiohttp.ClientSession(headers=headers) as session:
+        try:
+            from kubernetes_asyncio import client, watch
+            from kubernetes_asyncio.client.exceptions import ApiException
+        except ImportError as exc:
+            raise RuntimeError("Kubernetes discovery needs kubernetes-asyncio: pip install 'modelyard[k8s]'") from exc
+
+        selector = f"kubernetes.io/service-name={self.cfg.service}"
+        ns = self.cfg.namespace
+        async with self._api_client() as api_client:
+            api = client.DiscoveryV1Api(api_client)
             while True:
                 try:
-                    async with session.get(url, ssl=ctx) as r:
-                        r.raise_for_status()
-                        body = await r.json()
+                    resp = await api.list_namespaced_endpoint_slice(ns, label_selector=selector,
+                                                                    _preload_content=False)
+                    body = json.loads(await resp.read())
                     self.slices = {i["metadata"]["name"]: slice_endpoints(i, self.cfg.port_name)
-                                   for i in body.get("items", [])}
+                                   for i in body.get("items") or []}
                     self._publish()
-                    rv = body.get("metadata", {}).get("resourceVersion", "")
-                    async with session.get(f"{url}&watch=1&resourceVersion={rv}", ssl=ctx,
-                                           timeout=aiohttp.ClientTimeout(total=None, sock_read=300)) as r:
-                        r.raise_for_status()
-                        async for line in r.content:
-                            if line.strip():
-                                self.apply_event(json.loads(line))
-                except (TimeoutError, aiohttp.ClientError, ValueError, KeyError) as exc:
+                    rv = (body.get("metadata") or {}).get("resourceVersion", "")
+                    w = watch.Watch()
+                    try:
+                        async for ev in w.stream(api.list_namespaced_endpoint_slice, ns, label_selector=selector,
+                                                 resource_version=rv, timeout_seconds=WATCH_TIMEOUT):
+                            self.apply_event({"type": ev["type"], "object": ev["raw_object"]})
+                    finally:
+                        await w.close()
+                except (TimeoutError, aiohttp.ClientError, ApiException, ValueError, KeyError) as exc:
                     self.stats.count(self.pool.name, "discovery_k8s_errors")
                     log.warning("EndpointSlice watch for %s: %s (keeping the previous list)", self.cfg.service, exc)
                 await asyncio.sleep(1.0)  # relist after a closed or failed watch

@@ -17,19 +17,22 @@ from modelyard.balancer.pool import Pool
 
 
 def eslice(name: str, ips: list[str], ready: bool = True) -> dict[str, Any]:
-    return {"metadata": {"name": name}, "ports": [{"name": "grpc", "port": 8001}],
+    return {"metadata": {"name": name, "resourceVersion": "8"}, "addressType": "IPv4",
+            "ports": [{"name": "grpc", "port": 8001}],
             "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip in ips]}
 
 
 async def test_endpointslice_list_then_watch_updates_the_pool() -> None:
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     seen: list[str] = []
+    watches: list[str] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
         seen.append(request.query.get("labelSelector", ""))
-        if request.query.get("watch") != "1":
+        if request.query.get("watch") not in ("1", "true", "True"):
             return web.json_response({"metadata": {"resourceVersion": "7"},
                                       "items": [eslice("s1", ["127.0.10.1", "127.0.10.2"])]})
+        watches.append(request.query.get("resourceVersion", ""))
         resp = web.StreamResponse()
         await resp.prepare(request)
         while True:
@@ -61,6 +64,7 @@ async def test_endpointslice_list_then_watch_updates_the_pool() -> None:
         assert seen[0] == "kubernetes.io/service-name=models"
         await events.put({"type": "ADDED", "object": eslice("s2", ["127.0.10.3"])})
         await until({"127.0.10.1:8001", "127.0.10.2:8001", "127.0.10.3:8001"})
+        assert watches[0] == "7", "the watch must start from the list's resourceVersion"
         await events.put({"type": "MODIFIED", "object": eslice("s1", ["127.0.10.1"])})
         await until({"127.0.10.1:8001", "127.0.10.3:8001"})
         await events.put({"type": "MODIFIED", "object": eslice("s2", ["127.0.10.3"], ready=False)})
