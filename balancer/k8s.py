@@ -76,7 +76,7 @@ class EndpointSliceSource:
                 try:
                     resp = await api.list_namespaced_endpoint_slice(ns, label_selector=selector,
                                                                     _preload_content=False)
-                    body = json.loads(await resp.read())
+                    body = json.loads(await resp.read())  # type: ignore[attr-defined]  # raw response
                     self.slices = {i["metadata"]["name"]: slice_endpoints(i, self.cfg.port_name)
                                    for i in body.get("items") or []}
                     self._publish()
