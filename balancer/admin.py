@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from modelyard.balancer.config import host_port_ok
+
 if TYPE_CHECKING:
     from modelyard.balancer.app import Balancer
 
@@ -61,7 +63,7 @@ def build_admin_app(b: Balancer) -> web.Application:
         pool = b.pools.get(str(data.get("pool", "")))
         if pool is None:
             return _bad(f"unknown pool {data.get('pool')!r} (known: {', '.join(b.pools)})", 404)
-        if not isinstance(data.get("address"), str) or ":" not in data["address"]:
+        if not isinstance(data.get("address"), str) or not host_port_ok(data["address"]):
             return _bad("address must be host:port")
         return data, pool
 

@@ -54,7 +54,8 @@ class Balancer:
         #: one write-coalescing flusher for every connection of this process
         self.flusher = Flusher()
         for name, pcfg in cfg.pools.items():
-            factory = (lambda a, p=pcfg: Upstream(a, p.channels_per_endpoint, self.flusher)) if serves else None
+            factory = (lambda a, p=pcfg: Upstream(a, p.channels_per_endpoint, self.flusher, p.connect_timeout)) \
+                if serves else None
             self.pools[name] = Pool(name, pcfg, clock=clock, rng=random.Random(self.rng.random()), stats=self.stats,
                                     upstream_factory=factory, on_change=self._on_pool_change)
         self.proxy = Proxy(self.router, self.pools, default_unary_methods() | set(cfg.unary_methods),

@@ -132,6 +132,8 @@ class PoolConfig:
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     #: HTTP/2 connections per endpoint
     channels_per_endpoint: int = 2
+    #: seconds a TCP connect to an endpoint may take before the attempt fails over
+    connect_timeout: float = 1.0
     #: per-attempt-chain timeout in seconds (min with the client's deadline); null = client's only
     timeout: float | None = None
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
@@ -277,7 +279,8 @@ def _from_dict(cls: Any, data: Any, path: str, errors: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def _host_port_ok(address: str) -> bool:
+def host_port_ok(address: str) -> bool:
+    """``host:port`` with a port number in range."""
     host, sep, port = address.rpartition(":")
     return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
 
@@ -289,9 +292,9 @@ def _validate(cfg: BalancerConfig, errors: list[str]) -> None:
 
     need(bool(cfg.listeners), "listeners", "at least one listener is required")
     for i, lst in enumerate(cfg.listeners):
-        need(_host_port_ok(lst.address), f"listeners[{i}].address", f"expected host:port, got {lst.address!r}")
+        need(host_port_ok(lst.address), f"listeners[{i}].address", f"expected host:port, got {lst.address!r}")
     if cfg.admin.address is not None:
-        need(_host_port_ok(cfg.admin.address), "admin.address", f"expected host:port, got {cfg.admin.address!r}")
+        need(host_port_ok(cfg.admin.address), "admin.address", f"expected host:port, got {cfg.admin.address!r}")
     need(cfg.workers >= 1, "workers", "must be >= 1")
     need(cfg.max_message_bytes > 0, "max_message_bytes", "must be > 0")
     need(cfg.drain.delay >= 0, "drain.delay", "must be >= 0")
@@ -309,11 +312,12 @@ def _validate(cfg: BalancerConfig, errors: list[str]) -> None:
             except (TypeError, ValueError) as exc:
                 errors.append(f"{at}.picker_options: {exc}")
         need(p.channels_per_endpoint >= 1, f"{at}.channels_per_endpoint", "must be >= 1")
+        need(p.connect_timeout > 0, f"{at}.connect_timeout", "must be > 0")
         need(p.timeout is None or p.timeout > 0, f"{at}.timeout", "must be > 0")
         need(0 <= p.panic_threshold <= 100, f"{at}.panic_threshold", "must be within 0..100")
         ep = p.endpoints
         for i, s in enumerate(ep.static):
-            need(_host_port_ok(s.address), f"{at}.endpoints.static[{i}].address", f"expected host:port, got {s.address!r}")
+            need(host_port_ok(s.address), f"{at}.endpoints.static[{i}].address", f"expected host:port, got {s.address!r}")
             need(s.weight > 0, f"{at}.endpoints.static[{i}].weight", "must be > 0")
         need(ep.file_poll_interval > 0, f"{at}.endpoints.file_poll_interval", "must be > 0")
         if ep.dns is not None:

@@ -138,7 +138,7 @@ def grpc_status(headers: Headers) -> int:
 class RequestHead:
     """What the proxy needs from a request's headers; cached per header list (without a timeout)."""
 
-    __slots__ = ("block", "error", "method", "path", "timeout")
+    __slots__ = ("block", "error", "has_authority", "method", "path", "timeout")
 
     def __init__(self, headers: Headers) -> None:
         self.error: tuple[bytes, str] | None = None
@@ -172,6 +172,8 @@ class RequestHead:
         elif not path.startswith(b"/"):
             self.error = (b"400", "missing :path")
         fields = [(b":method", b"POST"), (b":scheme", scheme), (b":path", path)]
+        #: without one, the attempt adds the endpoint's address (grpc C-core servers reset such streams)
+        self.has_authority = bool(authority)
         if authority:
             fields.append((b":authority", authority))
         fields.append((b"te", b"trailers"))
@@ -246,14 +248,16 @@ class DownstreamConnection(H2Connection):
                     st.call.downstream_data(b"", True)
                 self._remote_close(st)
             return
-        if sid % 2 == 0 or sid <= self.last_peer_stream:
-            raise H2ProtocolError(PROTOCOL_ERROR, f"bad stream id {sid}")
+        if sid % 2 == 0:
+            raise H2ProtocolError(PROTOCOL_ERROR, f"client stream id {sid} is even")
+        if sid <= self.last_peer_stream:
+            return  # trailers or a late frame on a stream we already ended (RFC 7540 5.1): ignore
         self.last_peer_stream = sid
         st = Stream(sid, self)
         self.streams[sid] = st
         if end_stream:
             st.remote_closed = True
-        if self.goaway_sent:
+        if self.goaway_sent or len(self.streams) > MAX_CONCURRENT_STREAMS:
             self.reset(st, REFUSED_STREAM)
             return
         self.proxy.new_call(st, headers, end_stream)
@@ -372,8 +376,9 @@ class Call:
         down = self.down
         down.conn.send_data(down, data, False)
         if end:  # a gRPC response always ends with trailers
+            address = self.ep.address if self.ep else "?"
             self.end_attempt(Outcome.FAILURE, "INTERNAL")
-            self.fail(INTERNAL, f"upstream {self.ep.address if self.ep else '?'} ended the response without trailers")
+            self.fail(INTERNAL, f"upstream {address} ended the response without trailers")
 
     def upstream_failed(self, reason: str, refused: bool = False) -> None:
         """Connect failure, lost connection, RST_STREAM or GOAWAY for the current attempt."""
@@ -583,8 +588,9 @@ class Proxy:
         if pt is not None and (timeout is None or pt < timeout):
             timeout = pt
         if timeout is not None:
-            call.deadline = call.start + timeout
-            call.timer = asyncio.get_running_loop().call_later(timeout, call.on_deadline)
+            call.deadline = call.start + timeout  # counted from the request's arrival, not from routing
+            call.timer = asyncio.get_running_loop().call_later(max(0.0, call.deadline - self.clock.now()),
+                                                               call.on_deadline)
         if head.path in self.unary_methods:
             call.retryable = True
             pool.budget.deposit()
@@ -636,7 +642,8 @@ class Proxy:
         ust.source = down
         down.source = ust
         call.up = ust
-        block = call.head.block
+        head = call.head
+        block = head.block if head.has_authority else encode_field((b":authority", up.address.encode())) + head.block
         if call.deadline is not None:
             block += timeout_field(call.deadline - now)
         buf = call.buffered
@@ -646,8 +653,11 @@ class Proxy:
             conn.send_headers(ust, block, False)
             last = len(buf) - 1
             done = call.req_done
+            if call.attempt > 1:
+                ust.source = None  # a replay: the client's window was already credited for these bytes
             for i, chunk in enumerate(buf):
                 conn.send_data(ust, chunk, done and i == last)
+            ust.source = down
         if not call.retryable:
             call.buffered = None
 

@@ -57,12 +57,19 @@ class UpstreamConnection(H2Connection):
     # ------------------------------------------------------------------ lifecycle
 
     async def connect(self) -> None:
-        host, port = split_address(self.upstream.address)
+        up = self.upstream
         try:
-            await asyncio.get_running_loop().create_connection(lambda: self, host, port)
-        except OSError as exc:
-            self.upstream.connect_failed(self, exc)
-            self._fail_all(f"connect to {self.upstream.address} failed: {exc.strerror or exc}")
+            host, port = split_address(up.address)
+            await asyncio.wait_for(asyncio.get_running_loop().create_connection(lambda: self, host, port),
+                                   up.connect_timeout)
+        except asyncio.CancelledError:
+            self._fail_all(f"connect to {up.address} cancelled")
+            raise
+        except Exception as exc:  # OSError, timeout, and e.g. OverflowError for a bad port
+            reason = f"timed out after {up.connect_timeout:g} s" if isinstance(exc, TimeoutError) else \
+                (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+            up.connect_failed(self, reason)
+            self._fail_all(f"connect to {up.address} failed: {reason}")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
@@ -71,18 +78,23 @@ class UpstreamConnection(H2Connection):
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.upstream.forget(self)
         self._fail_all(f"connection to {self.upstream.address} lost" + (f": {exc}" if exc else ""))
 
     def _fail_all(self, reason: str) -> None:
         self.closed = True
+        self.upstream.forget(self)
         streams = list(self.streams.values())
         self.streams.clear()
         for st in streams:
-            st.local_closed = st.remote_closed = True
-            if st.call is not None:
-                st.call.upstream_failed(reason, refused=not self.connected)
+            self.forget(st)
+            call, st.call = st.call, None
+            if call is not None:
+                call.upstream_failed(reason, refused=not self.connected)
+        self._set_idle()
+
+    def _set_idle(self) -> None:
+        if self.idle is not None and not self.streams:
+            self.idle.set()
 
     # ------------------------------------------------------------------ streams
 
@@ -120,17 +132,18 @@ class UpstreamConnection(H2Connection):
         self.retire()
         for sid in [s for s in self.streams if s > last_stream]:
             st = self.streams.pop(sid)
-            st.local_closed = st.remote_closed = True
-            if st.call is not None:
-                st.call.upstream_failed(f"upstream {self.upstream.address} is going away", refused=True)
+            self.forget(st)
+            call, st.call = st.call, None
+            if call is not None:
+                call.upstream_failed(f"upstream {self.upstream.address} is going away", refused=True)
         if not self.streams:
+            self._set_idle()
             self.close()
 
     def stream_closed(self, st: Stream) -> None:
         st.call = None
         if self.retiring and not self.streams:
-            if self.idle is not None:
-                self.idle.set()
+            self._set_idle()
             self.close()
 
     def retire(self) -> None:
@@ -143,12 +156,13 @@ class UpstreamConnection(H2Connection):
 class Upstream:
     """Up to ``channels`` connections to one address, used round-robin."""
 
-    __slots__ = ("_rr", "address", "backoff", "channels", "closed", "conns", "flusher", "last_error", "retry_at",
-                 "tasks")
+    __slots__ = ("_rr", "address", "backoff", "channels", "closed", "connect_timeout", "conns", "flusher",
+                 "last_error", "retry_at", "tasks")
 
-    def __init__(self, address: str, channels: int, flusher: Flusher) -> None:
+    def __init__(self, address: str, channels: int, flusher: Flusher, connect_timeout: float = 1.0) -> None:
         self.address = address
         self.channels = max(1, channels)
+        self.connect_timeout = connect_timeout
         self.flusher = flusher
         self.conns: list[UpstreamConnection] = []
         self._rr = 0
@@ -180,9 +194,9 @@ class Upstream:
         task.add_done_callback(self.tasks.discard)
         return c
 
-    def connect_failed(self, conn: UpstreamConnection, exc: OSError) -> None:
+    def connect_failed(self, conn: UpstreamConnection, reason: str) -> None:
         self.forget(conn)
-        self.last_error = str(exc)
+        self.last_error = reason
         self.retry_at = asyncio.get_running_loop().time() + self.backoff
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 

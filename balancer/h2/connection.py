@@ -20,7 +20,7 @@ import struct
 from collections import deque
 from typing import Any
 
-from modelyard.balancer.h2.hpack import Decoder, Headers, HpackError
+from modelyard.balancer.h2.hpack import MAX_HEADER_LIST, Decoder, Headers, HpackError
 
 log = logging.getLogger("modelyard.balancer.h2")
 
@@ -99,7 +99,11 @@ class Flusher:
         while self.dirty:
             dirty, self.dirty = self.dirty, []
             for c in dirty:
-                c.flush()
+                try:
+                    c.flush()
+                except Exception:  # one broken transport must not keep the others' bytes back
+                    log.exception("flushing an HTTP/2 connection failed")
+                    c._wbuf.clear()
 
 
 class Stream:
@@ -129,7 +133,8 @@ class H2Connection(asyncio.Protocol):
 
     last_peer_stream: int
     #: SETTINGS we send right after the preface (subclasses may extend)
-    local_settings: dict[int, int] = {S_INITIAL_WINDOW_SIZE: STREAM_WINDOW, S_MAX_FRAME_SIZE: MAX_FRAME}
+    local_settings: dict[int, int] = {S_INITIAL_WINDOW_SIZE: STREAM_WINDOW, S_MAX_FRAME_SIZE: MAX_FRAME,
+                                      S_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST}
 
     def __init__(self, flusher: Flusher) -> None:
         self.flusher = flusher
@@ -148,6 +153,9 @@ class H2Connection(asyncio.Protocol):
         self.closed = False
         self.goaway_sent = False
         self.last_peer_stream: int = 0
+        #: our next header block starts with a dynamic-table size update to 0 (we never index, and
+        #: RFC 7541 4.2 wants the update after the peer changes SETTINGS_HEADER_TABLE_SIZE)
+        self._table_update = True
 
     def _open_frames(self) -> bytes:
         return settings_frame(self.local_settings) + window_update(0, CONN_WINDOW - DEFAULT_WINDOW)
@@ -176,6 +184,9 @@ class H2Connection(asyncio.Protocol):
         self._write_headers(st, block, end)
 
     def _write_headers(self, st: Stream, block: bytes, end: bool) -> None:
+        if self._table_update:
+            self._table_update = False
+            block = b"\x20" + block
         flags = END_STREAM if end else 0
         n = len(block)
         mf = self.peer_max_frame
@@ -195,7 +206,7 @@ class H2Connection(asyncio.Protocol):
         if st.local_closed:
             return
         n = len(data)
-        if not st.pending and n <= st.send_window and n <= self.send_window and n <= self.peer_max_frame:
+        if not st.pending and (n == 0 or (n <= st.send_window and n <= self.send_window and n <= self.peer_max_frame)):
             st.send_window -= n
             self.send_window -= n
             self.write(_HDR.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if end else 0, st.id) + data)
@@ -222,7 +233,7 @@ class H2Connection(asyncio.Protocol):
                 continue
             n = len(payload)
             allowed = min(st.send_window, self.send_window, mf)
-            if n > allowed:
+            if n > allowed and n:
                 if allowed <= 0:
                     self._blocked[st] = None
                     return
@@ -260,13 +271,17 @@ class H2Connection(asyncio.Protocol):
             self.write(window_update(st.id, st.recv_unacked))
             st.recv_unacked = 0
 
+    def forget(self, st: Stream) -> None:
+        """``st`` is over: drop what it still had queued (it must never reach the wire)."""
+        st.local_closed = st.remote_closed = True
+        st.pending = None
+        self._blocked.pop(st, None)
+
     def reset(self, st: Stream, code: int) -> None:
         """RST_STREAM ``st`` and forget it."""
         if self.streams.pop(st.id, None) is None and st.local_closed and st.remote_closed:
             return
-        st.local_closed = st.remote_closed = True
-        st.pending = None
-        self._blocked.pop(st, None)
+        self.forget(st)
         if not self.closed:
             self.write(frame(RST_STREAM, 0, st.id, _U32.pack(code)))
         self.stream_closed(st)
@@ -344,7 +359,10 @@ class H2Connection(asyncio.Protocol):
                 if st is None or st.remote_closed:
                     continue  # a stream we already reset or finished
                 if flags & PADDED:
+                    if not payload or payload[0] >= length:
+                        raise H2ProtocolError(PROTOCOL_ERROR, "padding longer than the frame")
                     payload = payload[1:len(payload) - payload[0]]
+                    self.consumed(st, length - len(payload))  # padding is never forwarded: give it back now
                 if flags & END_STREAM:
                     st.remote_closed = True
                     self.on_data(st, payload, True)
@@ -389,14 +407,14 @@ class H2Connection(asyncio.Protocol):
                 if not flags & ACK:
                     self._settings(payload)
             elif ftype == PING:
+                if length != 8:
+                    raise H2ProtocolError(FRAME_SIZE_ERROR, "PING of wrong size")
                 if not flags & ACK:
                     self.write(frame(PING, ACK, 0, payload))
             elif ftype == RST_STREAM:
                 st = streams.pop(sid, None)
                 if st is not None:
-                    st.local_closed = st.remote_closed = True
-                    st.pending = None
-                    self._blocked.pop(st, None)
+                    self.forget(st)
                     code = _U32.unpack(payload)[0] if length == 4 else PROTOCOL_ERROR
                     self.on_reset(st, code)
                     self.stream_closed(st)
@@ -439,6 +457,8 @@ class H2Connection(asyncio.Protocol):
                 self.peer_max_frame = value
             elif ident == S_MAX_CONCURRENT_STREAMS:
                 self.peer_max_streams = value
+            elif ident == S_HEADER_TABLE_SIZE:
+                self._table_update = True
         self.write(frame(SETTINGS, ACK, 0))
         self.on_settings()
 

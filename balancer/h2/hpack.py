@@ -26,6 +26,8 @@ _N_STATIC = len(STATIC)
 _STATIC_FULL = {h: i + 1 for i, h in reversed(list(enumerate(STATIC)))}
 _STATIC_NAME = {h[0]: i + 1 for i, h in reversed(list(enumerate(STATIC)))}
 
+#: largest decoded header list (RFC 7541 size: name + value + 32 per field) we accept
+MAX_HEADER_LIST = 65536
 #: caches are cleared when they reach these sizes (client-chosen values must not grow memory)
 _MAX_BLOCKS = 512
 _MAX_STRINGS = 4096
@@ -130,7 +132,13 @@ class Decoder:
     def _decode(self, buf: bytes) -> Headers:
         out: list[Header] = []
         i, n = 0, len(buf)
+        budget = MAX_HEADER_LIST
         while i < n:
+            if out:
+                last = out[-1]
+                budget -= len(last[0]) + len(last[1]) + 32
+                if budget < 0:
+                    raise HpackError(f"header list over {MAX_HEADER_LIST} bytes")
             b = buf[i]
             if b & 0x80:  # indexed field
                 idx, i = _int(buf, i, 7)
@@ -160,6 +168,8 @@ class Decoder:
                     name, i = self._string(buf, i)
                 value, i = self._string(buf, i)
                 out.append((name, value))
+        if out and budget - len(out[-1][0]) - len(out[-1][1]) - 32 < 0:
+            raise HpackError(f"header list over {MAX_HEADER_LIST} bytes")
         return tuple(out)
 
 

@@ -398,3 +398,57 @@ async def test_raw_http2_non_grpc_requests_get_http_errors_and_bad_hpack_a_goawa
         goaway = [f for f in frames if f[0] == h2.GOAWAY]
         assert goaway and int.from_bytes(goaway[0][3][4:8], "big") == h2.COMPRESSION_ERROR
         assert await ch.unary_unary("/t.T/Unary")(b"still ok", timeout=5) == b"still ok"
+
+
+async def test_an_endpoint_that_never_accepts_fails_over_after_the_connect_timeout(backends: list[Backend]) -> None:
+    # a listener whose accept queue is full drops further SYNs, like a dead pod IP
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    port = lst.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    pools = {"p": pool_of(f"127.0.0.1:{port}", backends[0].address, health_check={"enabled": False},
+                          connect_timeout=0.3)}
+    try:
+        async with balancer(pools) as b, channel(b) as ch:
+            res = await asyncio.gather(*(ch.unary_unary("/t.T/Unary")(b"x", timeout=5) for _ in range(20)))
+            assert res == [b"x"] * 20
+            pool = b.pools["p"]
+            await until(lambda: pool.active == 0 and pool.pending == 0, what="counters back to 0")
+    finally:
+        for s in [*fillers, lst]:
+            s.close()
+
+
+async def test_admin_refuses_an_address_with_a_bad_port(backends: list[Backend]) -> None:
+    async with balancer({"p": pool_of(backends[0].address)}) as b, aiohttp.ClientSession() as http:
+        r = await http.post(f"http://127.0.0.1:{b.admin_port}/endpoints", json={"pool": "p", "address": "127.0.0.1:99999"})
+        assert r.status == 400
+
+
+async def test_late_headers_on_an_ended_stream_do_not_kill_the_connection(backends: list[Backend]) -> None:
+    from modelyard.balancer.h2 import connection as h2
+    from modelyard.balancer.h2.hpack import encode
+
+    text = encode(((b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/t.T/Unary"),
+                   (b"content-type", b"text/plain")))
+    grpc_req = encode(((b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/t.T/Unary"),
+                       (b"content-type", b"application/grpc"), (b"te", b"trailers")))  # no :authority
+    flags = h2.END_HEADERS
+    async with balancer({"p": pool_of(backends[0].address)}) as b:
+        # stream 1 is refused (415) and reset; the client's late trailers on it must be ignored,
+        # and the gRPC call on stream 3 of the same connection must still complete (it has no
+        # :authority: the proxy supplies one, which grpc servers require)
+        frames = await _h2_exchange(
+            b.ports[0],
+            h2.frame(h2.HEADERS, flags, 1, text) + h2.frame(h2.HEADERS, flags | h2.END_STREAM, 1, encode(((b"x", b"1"),)))
+            + h2.frame(h2.HEADERS, flags, 3, grpc_req) + h2.frame(h2.DATA, h2.END_STREAM, 3, b"\x00\x00\x00\x00\x02ok"),
+            lambda f: f[0] == h2.GOAWAY or (f[0] == h2.HEADERS and f[2] == 3 and f[1] & h2.END_STREAM))
+        assert not [f for f in frames if f[0] == h2.GOAWAY]
+        assert b"ok" in b"".join(f[3] for f in frames if f[0] == h2.DATA and f[2] == 3)

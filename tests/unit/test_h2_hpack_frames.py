@@ -124,3 +124,47 @@ def test_oversized_frame_and_bad_continuation_are_connection_errors() -> None:
     conn = Recorder()
     with pytest.raises(h2.H2ProtocolError):
         conn._receive(h2.frame(h2.CONTINUATION, h2.END_HEADERS, 1, b"\x88"))
+
+
+def test_header_list_over_the_cap_is_refused_however_small_the_block() -> None:
+    enc, dec = hpack.Encoder(), Decoder()
+    dec.decode(enc.encode([("x-big", "v" * 4000)]))  # one 4 KB table entry...
+    with pytest.raises(HpackError, match="header list over"):
+        dec.decode(b"\xbe" * 100)  # ...referenced 100 times: 100 bytes that decode to 400 KB
+
+
+def test_padding_is_credited_back_at_once() -> None:
+    conn = Recorder()
+    st = h2.Stream(1, conn)
+    conn.streams[1] = st
+    got: list[bytes] = []
+    conn.on_data = lambda s, data, end: got.append(data)  # type: ignore[method-assign]
+    padded = bytes([200]) + b"x" + bytes(200)  # pad length, 1 data byte, 200 bytes of padding
+    for _ in range(2000):  # 400 KB of padding: over STREAM_WINDOW // 4, so an update is due
+        conn._receive(h2.frame(h2.DATA, h2.PADDED, 1, padded))
+    assert got[0] == b"x"
+    credited = sum(int.from_bytes(p, "big") for t, _, sid, p in conn.frames() if t == h2.WINDOW_UPDATE and sid == 1)
+    assert credited >= 200 * 2000 - h2.STREAM_WINDOW // 4
+
+
+def test_a_forgotten_stream_never_sends_its_queued_data() -> None:
+    conn = Recorder()
+    st = h2.Stream(3, conn)
+    conn.streams[3] = st
+    conn.send_data(st, b"a" * 70000, True)  # 4535 bytes wait for window
+    conn.frames()
+    conn.forget(conn.streams.pop(3))  # what GOAWAY / connection loss / RST do
+    conn._receive(h2.window_update(0, 100000) + h2.window_update(3, 100000))
+    assert not [f for f in conn.frames() if f[0] == h2.DATA]
+
+
+def test_first_header_block_starts_with_a_table_size_update_and_after_settings_change() -> None:
+    conn = Recorder()
+    st = h2.Stream(1, conn)
+    conn.send_headers(st, b"\x88", False)
+    conn.send_headers(st, b"\x88", False)
+    blocks = [p for t, _, _, p in conn.frames() if t == h2.HEADERS]
+    assert blocks == [b"\x20\x88", b"\x88"]
+    conn._receive(h2.settings_frame({h2.S_HEADER_TABLE_SIZE: 0}))
+    conn.send_headers(st, b"\x88", True)
+    assert [p for t, _, _, p in conn.frames() if t == h2.HEADERS] == [b"\x20\x88"]
