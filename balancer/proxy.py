@@ -196,7 +196,7 @@ class DownstreamConnection(H2Connection):
         self._preface_done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
+        self._start_transport(transport)
         self.proxy.connections.add(self)
         self.write(self._open_frames())
         if self.proxy.draining_connections:

@@ -72,7 +72,7 @@ class UpstreamConnection(H2Connection):
             self._fail_all(f"connect to {up.address} failed: {reason}")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
+        self._start_transport(transport)
         self.connected = True
         self.upstream.connect_succeeded()
         self.flush()

@@ -151,6 +151,9 @@ class H2Connection(asyncio.Protocol):
         self._cont: tuple[int, int, bytearray] | None = None
         self._blocked: dict[Stream, None] = {}
         self.closed = False
+        #: the transport's write buffer is over its high-water mark: hold DATA (and so the
+        #: window credit of the streams it comes from) until it drains
+        self.paused = False
         self.goaway_sent = False
         self.last_peer_stream: int = 0
         #: our next header block starts with a dynamic-table size update to 0 (we never index, and
@@ -206,7 +209,7 @@ class H2Connection(asyncio.Protocol):
         if st.local_closed:
             return
         n = len(data)
-        if not st.pending and (n == 0 or (n <= st.send_window and n <= self.send_window and n <= self.peer_max_frame)):
+        if not st.pending and not self.paused and (n == 0 or (n <= st.send_window and n <= self.send_window and n <= self.peer_max_frame)):
             st.send_window -= n
             self.send_window -= n
             self.write(_HDR.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if end else 0, st.id) + data)
@@ -225,6 +228,9 @@ class H2Connection(asyncio.Protocol):
         """Send what the windows allow from ``st.pending``; remember the stream if blocked."""
         q = st.pending
         mf = self.peer_max_frame
+        if self.paused and q:
+            self._blocked[st] = None
+            return
         while q:
             is_headers, payload, end = q[0]
             if is_headers:
@@ -258,9 +264,22 @@ class H2Connection(asyncio.Protocol):
 
     def _unblock(self) -> None:
         for st in list(self._blocked):
-            if self.send_window <= 0:
+            if self.send_window <= 0 or self.paused:
                 return
             self._drain_stream(st)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._blocked:
+            self._unblock()
+
+    def _start_transport(self, transport: Any) -> None:
+        self.transport = transport
+        # a deeper buffer than asyncio's 64 KiB default: pausing is for slow readers, not bursts
+        transport.set_write_buffer_limits(high=1 << 20)
 
     def consumed(self, st: Stream, n: int) -> None:
         """``n`` bytes received on ``st`` were forwarded: give the peer that much window back."""

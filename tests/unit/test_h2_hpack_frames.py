@@ -168,3 +168,19 @@ def test_first_header_block_starts_with_a_table_size_update_and_after_settings_c
     conn._receive(h2.settings_frame({h2.S_HEADER_TABLE_SIZE: 0}))
     conn.send_headers(st, b"\x88", True)
     assert [p for t, _, _, p in conn.frames() if t == h2.HEADERS] == [b"\x20\x88"]
+
+
+def test_a_full_transport_buffer_holds_data_and_the_source_credit_until_it_drains() -> None:
+    src_conn, dst_conn = Recorder(), Recorder()
+    src, dst = h2.Stream(1, src_conn), h2.Stream(1, dst_conn)
+    src_conn.streams[1], dst_conn.streams[1] = src, dst
+    dst.source = src
+    dst.send_window = dst_conn.send_window = 1 << 24
+    dst_conn.pause_writing()
+    for _ in range(20):
+        dst_conn.send_data(dst, b"x" * 16384, False)
+    assert not [f for f in dst_conn.frames() if f[0] == h2.DATA]
+    assert not [f for f in src_conn.frames() if f[0] == h2.WINDOW_UPDATE]  # the sender is held back
+    dst_conn.resume_writing()
+    assert sum(len(f[3]) for f in dst_conn.frames() if f[0] == h2.DATA) == 20 * 16384
+    assert [f for f in src_conn.frames() if f[0] == h2.WINDOW_UPDATE]
