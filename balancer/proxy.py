@@ -40,10 +40,7 @@ from modelyard.balancer.h2.connection import (
     PREFACE,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
-    S_INITIAL_WINDOW_SIZE,
     S_MAX_CONCURRENT_STREAMS,
-    S_MAX_FRAME_SIZE,
-    STREAM_WINDOW,
     Flusher,
     H2Connection,
     H2ProtocolError,
@@ -186,8 +183,7 @@ class DownstreamConnection(H2Connection):
     transport: Any
     last_peer_stream: int
 
-    local_settings = {S_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                      S_MAX_FRAME_SIZE: 16384}
+    local_settings = {**H2Connection.local_settings, S_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
 
     def __init__(self, proxy: Proxy) -> None:
         super().__init__(proxy.flusher)
@@ -307,7 +303,8 @@ class Call:
         self.buffered_bytes = 0
         self.req_done = req_done
         self.resp_started = False
-        self.retryable = False
+        #: unary method: request bytes are kept for a retry until response headers arrive
+        self.retryable = head.path in proxy.unary_methods
         self.finished = False
         self.resolve: Callable[[bytes | None], str | None] | None = None
         self.deadline: float | None = None
@@ -318,6 +315,12 @@ class Call:
     # ------------------------------------------------------------------ downstream events
 
     def downstream_data(self, data: bytes, end: bool) -> None:
+        """Request bytes from the client.
+
+        Window credit: a retryable call keeps its bytes, so the client is credited when they are
+        buffered and attempts send them without crediting again (a replay must not credit twice);
+        any other call is credited when its bytes are written upstream (end-to-end back-pressure).
+        """
         if end:
             self.req_done = True
         up = self.up
@@ -332,10 +335,14 @@ class Call:
             return
         buf.append(data)
         self.buffered_bytes += len(data)
-        if self.retryable and self.buffered_bytes > RETRY_BUFFER_BYTES:
-            self.retryable = False
-            if up is not None:
-                self.buffered = None
+        if self.retryable:
+            down = self.down
+            down.conn.consumed(down, len(data))
+            if self.buffered_bytes > RETRY_BUFFER_BYTES:  # too big to keep: no retry, credit on send
+                self.retryable = False
+                if up is not None:
+                    self.buffered = None
+                    up.source = down
         if self.resolve is not None:
             self.proxy.try_route(self)
 
@@ -535,6 +542,8 @@ class Proxy:
         st.call = call
         self.in_flight += 1
         call.start = self.clock.now()
+        if head.timeout is not None:  # armed now: a model-routed call may wait for its first bytes
+            self.arm_deadline(call, call.start + head.timeout)
         if self.draining and head.method == HEALTH_CHECK:
             self.respond_locally(call, NOT_SERVING_RESPONSE)
             return
@@ -587,14 +596,21 @@ class Proxy:
         pt = pool.config.timeout
         if pt is not None and (timeout is None or pt < timeout):
             timeout = pt
-        if timeout is not None:
-            call.deadline = call.start + timeout  # counted from the request's arrival, not from routing
-            call.timer = asyncio.get_running_loop().call_later(max(0.0, call.deadline - self.clock.now()),
-                                                               call.on_deadline)
-        if head.path in self.unary_methods:
-            call.retryable = True
+        if timeout is not None and timeout != head.timeout:  # the pool's timeout is shorter: re-arm
+            self.arm_deadline(call, call.start + timeout)
+        if call.deadline is not None and call.deadline <= self.clock.now():
+            call.fail(DEADLINE_EXCEEDED, "deadline exceeded at the balancer")
+            return
+        if call.retryable:
             pool.budget.deposit()
         self.attempt(call)
+
+    def arm_deadline(self, call: Call, deadline: float) -> None:
+        """Enforce ``deadline`` (on ``clock``), counted from the request's arrival."""
+        if call.timer is not None:
+            call.timer.cancel()
+        call.deadline = deadline
+        call.timer = asyncio.get_running_loop().call_later(max(0.0, deadline - self.clock.now()), call.on_deadline)
 
     def attempt(self, call: Call) -> None:
         if call.finished:
@@ -639,7 +655,7 @@ class Proxy:
             call.pending = True
         ust = conn.open_stream(call)
         down = call.down
-        ust.source = down
+        ust.source = None if call.retryable else down  # see Call.downstream_data
         down.source = ust
         call.up = ust
         head = call.head
@@ -653,11 +669,8 @@ class Proxy:
             conn.send_headers(ust, block, False)
             last = len(buf) - 1
             done = call.req_done
-            if call.attempt > 1:
-                ust.source = None  # a replay: the client's window was already credited for these bytes
             for i, chunk in enumerate(buf):
                 conn.send_data(ust, chunk, done and i == last)
-            ust.source = down
         if not call.retryable:
             call.buffered = None
 

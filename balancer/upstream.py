@@ -19,9 +19,7 @@ from modelyard.balancer.h2.connection import (
     PREFACE,
     REFUSED_STREAM,
     S_ENABLE_PUSH,
-    S_INITIAL_WINDOW_SIZE,
-    S_MAX_FRAME_SIZE,
-    STREAM_WINDOW,
+    SETTINGS_TIMEOUT,
     Flusher,
     H2Connection,
     Stream,
@@ -41,7 +39,7 @@ def split_address(address: str) -> tuple[str, int]:
 class UpstreamConnection(H2Connection):
     """The client side of one HTTP/2 connection to an endpoint."""
 
-    local_settings = {S_ENABLE_PUSH: 0, S_INITIAL_WINDOW_SIZE: STREAM_WINDOW, S_MAX_FRAME_SIZE: 16384}
+    local_settings = {**H2Connection.local_settings, S_ENABLE_PUSH: 0}
 
     def __init__(self, upstream: Upstream) -> None:
         super().__init__(upstream.flusher)
@@ -52,6 +50,8 @@ class UpstreamConnection(H2Connection):
         self.retiring = False
         #: set when the last stream closes while retiring (Upstream.close waits on it)
         self.idle: asyncio.Event | None = None
+        self._settings_timer: asyncio.TimerHandle | None = None
+        self._lost_reason = ""
         self.write(PREFACE + self._open_frames())
 
     # ------------------------------------------------------------------ lifecycle
@@ -74,11 +74,31 @@ class UpstreamConnection(H2Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._start_transport(transport)
         self.connected = True
-        self.upstream.connect_succeeded()
         self.flush()
+        # a peer that accepts TCP but never speaks HTTP/2 would hold our streams (and the
+        # window they wait for) forever: its SETTINGS must come within the connect timeout
+        self._settings_timer = asyncio.get_running_loop().call_later(self.upstream.connect_timeout,
+                                                                     self._no_settings)
+
+    def on_settings(self) -> None:
+        if self._settings_timer is not None:
+            self._settings_timer.cancel()
+            self._settings_timer = None
+            self.upstream.connect_succeeded()
+
+    def _no_settings(self) -> None:
+        self._settings_timer = None
+        reason = f"no HTTP/2 SETTINGS within {self.upstream.connect_timeout:g} s (not a gRPC server?)"
+        self.upstream.connect_failed(self, reason)
+        self._lost_reason = reason
+        self._fail_connection(SETTINGS_TIMEOUT, "settings timeout")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail_all(f"connection to {self.upstream.address} lost" + (f": {exc}" if exc else ""))
+        if self._settings_timer is not None:
+            self._settings_timer.cancel()
+            self._settings_timer = None
+        reason = self._lost_reason or f"connection to {self.upstream.address} lost" + (f": {exc}" if exc else "")
+        self._fail_all(reason)
 
     def _fail_all(self, reason: str) -> None:
         self.closed = True

@@ -33,7 +33,7 @@ END_HEADERS = 0x4
 PADDED = 0x8
 PRIORITY_FLAG = 0x20
 
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, SETTINGS_TIMEOUT = 0, 1, 2, 3, 4
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
 
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
@@ -264,9 +264,9 @@ class H2Connection(asyncio.Protocol):
 
     def _unblock(self) -> None:
         for st in list(self._blocked):
-            if self.send_window <= 0 or self.paused:
+            if self.paused:
                 return
-            self._drain_stream(st)
+            self._drain_stream(st)  # decides per stream: headers and empty END_STREAM need no window
 
     def pause_writing(self) -> None:
         self.paused = True

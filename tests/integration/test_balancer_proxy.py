@@ -452,3 +452,29 @@ async def test_late_headers_on_an_ended_stream_do_not_kill_the_connection(backen
             lambda f: f[0] == h2.GOAWAY or (f[0] == h2.HEADERS and f[2] == 3 and f[1] & h2.END_STREAM))
         assert not [f for f in frames if f[0] == h2.GOAWAY]
         assert b"ok" in b"".join(f[3] for f in frames if f[0] == h2.DATA and f[2] == 3)
+
+
+async def test_a_peer_that_accepts_tcp_but_never_speaks_http2_fails_over_with_big_requests(
+        backends: list[Backend]) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass  # reads, never answers: no SETTINGS, no WINDOW_UPDATE
+        writer.close()
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    bad = f"127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    pools = {"p": pool_of(bad, backends[0].address, health_check={"enabled": False}, connect_timeout=0.3)}
+    big = b"x" * (3 << 20)  # over the first attempt's window: the replay must not wait for window credit
+    try:
+        async with balancer(pools) as b:
+            ch = grpc.aio.insecure_channel(f"127.0.0.1:{b.ports[0]}", options=[
+                ("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)])
+            try:
+                for _ in range(4):
+                    assert await ch.unary_unary("/t.T/Unary")(big, timeout=10) == big
+            finally:
+                await ch.close()
+            assert b.stats.events[("p", "retries")] >= 1
+    finally:
+        srv.close()

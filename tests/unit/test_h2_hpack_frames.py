@@ -184,3 +184,13 @@ def test_a_full_transport_buffer_holds_data_and_the_source_credit_until_it_drain
     dst_conn.resume_writing()
     assert sum(len(f[3]) for f in dst_conn.frames() if f[0] == h2.DATA) == 20 * 16384
     assert [f for f in src_conn.frames() if f[0] == h2.WINDOW_UPDATE]
+
+
+def test_both_sides_advertise_the_header_list_cap() -> None:
+    from modelyard.balancer.h2.hpack import MAX_HEADER_LIST
+    from modelyard.balancer.proxy import DownstreamConnection
+    from modelyard.balancer.upstream import UpstreamConnection
+
+    for cls in (DownstreamConnection, UpstreamConnection):
+        assert cls.local_settings[h2.S_MAX_HEADER_LIST_SIZE] == MAX_HEADER_LIST
+        assert cls.local_settings[h2.S_INITIAL_WINDOW_SIZE] == h2.STREAM_WINDOW
