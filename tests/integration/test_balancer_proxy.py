@@ -414,7 +414,7 @@ async def test_an_endpoint_that_never_accepts_fails_over_after_the_connect_timeo
             s.connect(("127.0.0.1", port))
         fillers.append(s)
     pools = {"p": pool_of(f"127.0.0.1:{port}", backends[0].address, health_check={"enabled": False},
-                          connect_timeout=0.3)}
+                          connect_timeout=1.0)}
     try:
         async with balancer(pools) as b, channel(b) as ch:
             res = await asyncio.gather(*(ch.unary_unary("/t.T/Unary")(b"x", timeout=5) for _ in range(20)))
@@ -464,7 +464,7 @@ async def test_a_peer_that_accepts_tcp_but_never_speaks_http2_fails_over_with_bi
 
     srv = await asyncio.start_server(silent, "127.0.0.1", 0)
     bad = f"127.0.0.1:{srv.sockets[0].getsockname()[1]}"
-    pools = {"p": pool_of(bad, backends[0].address, health_check={"enabled": False}, connect_timeout=0.3)}
+    pools = {"p": pool_of(bad, backends[0].address, health_check={"enabled": False}, connect_timeout=1.0)}
     big = b"x" * (3 << 20)  # over the first attempt's window: the replay must not wait for window credit
     try:
         async with balancer(pools) as b:
