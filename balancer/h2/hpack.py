@@ -129,29 +129,27 @@ class Decoder:
             old = self.dynamic.pop()
             self.size -= len(old[0]) + len(old[1]) + 32
 
+    def _literal(self, buf: bytes, i: int, prefix_bits: int) -> tuple[Header, int]:
+        """A literal field: name by index (or literal), then a literal value."""
+        idx, i = _int(buf, i, prefix_bits)
+        if idx:
+            name = self._get(idx)[0]
+        else:
+            name, i = self._string(buf, i)
+        value, i = self._string(buf, i)
+        return (name, value), i
+
     def _decode(self, buf: bytes) -> Headers:
         out: list[Header] = []
         i, n = 0, len(buf)
         budget = MAX_HEADER_LIST
         while i < n:
-            if out:
-                last = out[-1]
-                budget -= len(last[0]) + len(last[1]) + 32
-                if budget < 0:
-                    raise HpackError(f"header list over {MAX_HEADER_LIST} bytes")
             b = buf[i]
             if b & 0x80:  # indexed field
                 idx, i = _int(buf, i, 7)
-                out.append(self._get(idx))
+                h = self._get(idx)
             elif b & 0x40:  # literal with incremental indexing
-                idx, i = _int(buf, i, 6)
-                if idx:
-                    name = self._get(idx)[0]
-                else:
-                    name, i = self._string(buf, i)
-                value, i = self._string(buf, i)
-                h = (name, value)
-                out.append(h)
+                h, i = self._literal(buf, i, 6)
                 self._insert(h)
             elif b & 0x20:  # dynamic table size update
                 size, i = _int(buf, i, 5)
@@ -160,16 +158,13 @@ class Decoder:
                 self.generation += 1
                 self.max_size = size
                 self._evict()
+                continue
             else:  # literal without indexing (0x00) / never indexed (0x10)
-                idx, i = _int(buf, i, 4)
-                if idx:
-                    name = self._get(idx)[0]
-                else:
-                    name, i = self._string(buf, i)
-                value, i = self._string(buf, i)
-                out.append((name, value))
-        if out and budget - len(out[-1][0]) - len(out[-1][1]) - 32 < 0:
-            raise HpackError(f"header list over {MAX_HEADER_LIST} bytes")
+                h, i = self._literal(buf, i, 4)
+            out.append(h)
+            budget -= len(h[0]) + len(h[1]) + 32
+            if budget < 0:
+                raise HpackError(f"header list over {MAX_HEADER_LIST} bytes")
         return tuple(out)
 
 
