@@ -35,7 +35,6 @@ from modelyard.balancer.clock import MONOTONIC, Clock
 from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome
 from modelyard.balancer.h2.connection import (
     CANCEL,
-    HOP_HEADERS,
     NO_ERROR,
     PREFACE,
     PROTOCOL_ERROR,
@@ -69,6 +68,10 @@ FAILURE_CODES = frozenset({UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS})
 MAX_CONCURRENT_STREAMS = 4096
 #: unary request bytes kept for a retry; bigger requests are not retried
 RETRY_BUFFER_BYTES = 4 << 20
+
+#: RFC 7540 8.1.2.2: connection-specific headers, never forwarded
+HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
+                         b"te", b"host"})
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
@@ -387,7 +390,7 @@ class Call:
             self.end_attempt(Outcome.FAILURE, "INTERNAL")
             self.fail(INTERNAL, f"upstream {address} ended the response without trailers")
 
-    def upstream_failed(self, reason: str, refused: bool = False) -> None:
+    def upstream_failed(self, reason: str) -> None:
         """Connect failure, lost connection, RST_STREAM or GOAWAY for the current attempt."""
         if self.finished or self.up is None:
             return

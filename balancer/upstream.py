@@ -17,7 +17,6 @@ from modelyard.balancer.h2.connection import (
     MAX_STREAM_ID,
     NO_ERROR,
     PREFACE,
-    REFUSED_STREAM,
     S_ENABLE_PUSH,
     SETTINGS_TIMEOUT,
     Flusher,
@@ -109,7 +108,7 @@ class UpstreamConnection(H2Connection):
             self.forget(st)
             call, st.call = st.call, None
             if call is not None:
-                call.upstream_failed(reason, refused=not self.connected)
+                call.upstream_failed(reason)
         self._set_idle()
 
     def _set_idle(self) -> None:
@@ -145,8 +144,7 @@ class UpstreamConnection(H2Connection):
 
     def on_reset(self, st: Stream, code: int) -> None:
         if st.call is not None:
-            st.call.upstream_failed(f"upstream {self.upstream.address} reset the stream (HTTP/2 error {code})",
-                                    refused=code == REFUSED_STREAM)
+            st.call.upstream_failed(f"upstream {self.upstream.address} reset the stream (HTTP/2 error {code})")
 
     def on_goaway(self, last_stream: int, code: int, debug: bytes) -> None:
         self.retire()
@@ -155,7 +153,7 @@ class UpstreamConnection(H2Connection):
             self.forget(st)
             call, st.call = st.call, None
             if call is not None:
-                call.upstream_failed(f"upstream {self.upstream.address} is going away", refused=True)
+                call.upstream_failed(f"upstream {self.upstream.address} is going away")
         if not self.streams:
             self._set_idle()
             self.close()

@@ -501,8 +501,3 @@ class H2Connection(asyncio.Protocol):
     def stream_closed(self, st: Stream) -> None:
         """``st`` left ``streams`` (both sides ended, or reset)."""
 
-
-#: RFC 7540 8.1.2.2: connection-specific headers never forwarded
-HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
-                         b"te", b"host"})
-
