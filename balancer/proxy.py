@@ -366,7 +366,10 @@ class Call:
         down = self.down
         if not end:
             self.resp_started = True
-            self.buffered = None
+            self.buffered = None  # no retry from here on: later request bytes are credited as they are sent
+            up = self.up
+            if up is not None:
+                up.source = down
             down.conn.send_headers(down, encode(headers), False)
             return
         code = grpc_status(headers)
