@@ -209,15 +209,9 @@ class H2Connection(asyncio.Protocol):
         if st.local_closed:
             return
         n = len(data)
-        if not st.pending and not self.paused and (n == 0 or (n <= st.send_window and n <= self.send_window and n <= self.peer_max_frame)):
-            st.send_window -= n
-            self.send_window -= n
-            self.write(_HDR.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if end else 0, st.id) + data)
-            src = st.source
-            if src is not None and n:
-                src.conn.consumed(src, n)
-            if end:
-                self._local_close(st)
+        if not st.pending and not self.paused and (
+                n == 0 or (n <= st.send_window and n <= self.send_window and n <= self.peer_max_frame)):
+            self._send_chunk(st, data, end)
             return
         if st.pending is None:
             st.pending = deque()
