@@ -78,6 +78,16 @@ class Recorder(h2.H2Connection):
         return out
 
 
+def relay_pair() -> tuple[Recorder, Recorder]:
+    """Stream 1 on ``dst`` forwards the bytes of stream 1 on ``src``; ``dst`` has plenty of send window."""
+    src_conn, dst_conn = Recorder(), Recorder()
+    src, dst = h2.Stream(1, src_conn), h2.Stream(1, dst_conn)
+    src_conn.streams[1], dst_conn.streams[1] = src, dst
+    dst.source = src
+    dst.send_window = dst_conn.send_window = 1 << 24
+    return src_conn, dst_conn
+
+
 def test_data_waits_for_window_and_is_released_by_window_update_in_order() -> None:
     conn = Recorder()
     st = h2.Stream(1, conn)
@@ -96,11 +106,8 @@ def test_data_waits_for_window_and_is_released_by_window_update_in_order() -> No
 
 
 def test_forwarded_bytes_give_window_back_to_their_source_stream() -> None:
-    src_conn, dst_conn = Recorder(), Recorder()
-    src, dst = h2.Stream(1, src_conn), h2.Stream(1, dst_conn)
-    src_conn.streams[1], dst_conn.streams[1] = src, dst
-    dst.source = src
-    dst.send_window = dst_conn.send_window = 1 << 24
+    src_conn, dst_conn = relay_pair()
+    dst = dst_conn.streams[1]
     for _ in range(20):
         dst_conn.send_data(dst, b"x" * 16384, False)
     updates = [f for f in src_conn.frames() if f[0] == h2.WINDOW_UPDATE]
@@ -171,11 +178,8 @@ def test_first_header_block_starts_with_a_table_size_update_and_after_settings_c
 
 
 def test_a_full_transport_buffer_holds_data_and_the_source_credit_until_it_drains() -> None:
-    src_conn, dst_conn = Recorder(), Recorder()
-    src, dst = h2.Stream(1, src_conn), h2.Stream(1, dst_conn)
-    src_conn.streams[1], dst_conn.streams[1] = src, dst
-    dst.source = src
-    dst.send_window = dst_conn.send_window = 1 << 24
+    src_conn, dst_conn = relay_pair()
+    dst = dst_conn.streams[1]
     dst_conn.pause_writing()
     for _ in range(20):
         dst_conn.send_data(dst, b"x" * 16384, False)
