@@ -22,7 +22,6 @@ import threading
 from typing import Any
 
 from modelyard.balancer.admin import build_admin_app
-from modelyard.balancer.clock import MONOTONIC, Clock
 from modelyard.balancer.config import BalancerConfig, config_to_dict
 from modelyard.balancer.discovery import DnsSource, FileSource
 from modelyard.balancer.h2.connection import Flusher
@@ -32,6 +31,7 @@ from modelyard.balancer.pool import Pool
 from modelyard.balancer.proxy import Proxy, default_unary_methods
 from modelyard.balancer.routing import Router
 from modelyard.balancer.upstream import Upstream
+from modelyard.clock import MONOTONIC, Clock
 
 log = logging.getLogger("modelyard.balancer")
 

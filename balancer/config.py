@@ -1,32 +1,32 @@
-"""Balancer configuration: dataclasses with documented defaults and one validating loader.
+"""Balancer configuration: dataclasses with documented defaults, each validating itself.
 
-``load_config(path)`` / ``config_from_dict(data)`` check the whole document and raise
-:class:`ConfigError` listing every problem with its path (``pools.cpu.retry.max_attempts:
-must be >= 1``), so a bad file is refused at start with all its errors at once.
+Loaded by the one config loader (:mod:`modelyard.config`): ``load_config(path)`` /
+``config_from_dict(data)`` check the whole document and raise :class:`ConfigError` listing
+every problem with its path (``pools.cpu.retry.max_attempts: must be >= 1``), so a bad file
+is refused at start with all its errors at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from modelyard.balancer.outlier import OutlierConfig
 from modelyard.balancer.pickers import PICKERS
 from modelyard.balancer.retry import RetryConfig
+from modelyard.config import Check, ConfigError, load, read_yaml, to_dict
+
+__all__ = ["BalancerConfig", "ConfigError", "PoolConfig", "config_from_dict", "config_to_dict", "host_port_ok",
+           "load_config"]
+
+SOURCE = "balancer config"
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; ``errors`` holds one ``path: message`` line per problem."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("invalid balancer config:\n  " + "\n  ".join(errors))
-        self.errors = errors
+def host_port_ok(address: str) -> bool:
+    """``host:port`` with a port number in range."""
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
 
 
 @dataclass
@@ -36,12 +36,19 @@ class ListenerConfig:
     address: str = "127.0.0.1:9001"
     name: str = "main"
 
+    def validate(self, check: Check) -> None:
+        check(host_port_ok(self.address), "address", f"expected host:port, got {self.address!r}")
+
 
 @dataclass
 class AdminConfig:
     """The admin HTTP server (metrics, endpoints, drain); ``address: null`` disables it."""
 
     address: str | None = "127.0.0.1:9901"
+
+    def validate(self, check: Check) -> None:
+        if self.address is not None:
+            check(host_port_ok(self.address), "address", f"expected host:port, got {self.address!r}")
 
 
 @dataclass
@@ -60,6 +67,12 @@ class HealthCheckConfig:
     #: also check each model routed to this pool by name (service = model name)
     per_model: bool = False
 
+    def validate(self, check: Check) -> None:
+        check(self.interval > 0, "interval", "must be > 0")
+        check(self.timeout > 0, "timeout", "must be > 0")
+        check(self.healthy_threshold >= 1, "healthy_threshold", "must be >= 1")
+        check(self.unhealthy_threshold >= 1, "unhealthy_threshold", "must be >= 1")
+
 
 @dataclass
 class SlowStartConfig:
@@ -68,6 +81,11 @@ class SlowStartConfig:
     window: float = 0.0
     aggression: float = 1.0
     min_weight_percent: float = 10.0
+
+    def validate(self, check: Check) -> None:
+        check(self.window >= 0, "window", "must be >= 0")
+        check(self.aggression > 0, "aggression", "must be > 0")
+        check(0 < self.min_weight_percent <= 100, "min_weight_percent", "must be within (0, 100]")
 
 
 @dataclass
@@ -81,6 +99,10 @@ class CircuitBreakerConfig:
     #: retries in flight
     max_retries: int = 64
 
+    def validate(self, check: Check) -> None:
+        for k in ("max_requests", "max_pending", "max_retries"):
+            check(getattr(self, k) >= 0, k, "must be >= 0")
+
 
 @dataclass
 class StaticEndpoint:
@@ -88,6 +110,14 @@ class StaticEndpoint:
 
     address: str = ""
     weight: float = 1.0
+
+    @classmethod
+    def normalize(cls, raw: Any) -> Any:
+        return {"address": raw} if isinstance(raw, str) else raw
+
+    def validate(self, check: Check) -> None:
+        check(host_port_ok(self.address), "address", f"expected host:port, got {self.address!r}")
+        check(self.weight > 0, "weight", "must be > 0")
 
 
 @dataclass
@@ -97,6 +127,11 @@ class DnsConfig:
     name: str = ""
     port: int = 8001
     interval: float = 5.0
+
+    def validate(self, check: Check) -> None:
+        check(bool(self.name), "name", "is required")
+        check(0 < self.port < 65536, "port", "must be a port number")
+        check(self.interval > 0, "interval", "must be > 0")
 
 
 @dataclass
@@ -110,6 +145,9 @@ class KubernetesConfig:
     #: API server URL (no auth); empty = the in-cluster service-account config
     api_server: str = ""
 
+    def validate(self, check: Check) -> None:
+        check(bool(self.service), "service", "is required")
+
 
 @dataclass
 class EndpointsConfig:
@@ -121,6 +159,9 @@ class EndpointsConfig:
     file_poll_interval: float = 1.0
     dns: DnsConfig | None = None
     kubernetes: KubernetesConfig | None = None
+
+    def validate(self, check: Check) -> None:
+        check(self.file_poll_interval > 0, "file_poll_interval", "must be > 0")
 
 
 @dataclass
@@ -144,6 +185,19 @@ class PoolConfig:
     circuit_breakers: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
 
+    def validate(self, check: Check) -> None:
+        if self.picker not in PICKERS:
+            check.fail("picker", f"unknown picker {self.picker!r} (known: {', '.join(sorted(PICKERS))})")
+        else:
+            try:
+                PICKERS[self.picker](**self.picker_options)
+            except (TypeError, ValueError) as exc:
+                check.fail("picker_options", str(exc))
+        check(self.channels_per_endpoint >= 1, "channels_per_endpoint", "must be >= 1")
+        check(self.connect_timeout > 0, "connect_timeout", "must be > 0")
+        check(self.timeout is None or self.timeout > 0, "timeout", "must be > 0")
+        check(0 <= self.panic_threshold <= 100, "panic_threshold", "must be within 0..100")
+
 
 @dataclass
 class RouteMatch:
@@ -162,6 +216,9 @@ class WeightedPool:
     pool: str = ""
     weight: float = 1.0
 
+    def validate(self, check: Check) -> None:
+        check(self.weight >= 0, "weight", "must be >= 0")
+
 
 @dataclass
 class RouteConfig:
@@ -171,6 +228,12 @@ class RouteConfig:
     pool: str | None = None
     split: list[WeightedPool] = field(default_factory=list)
 
+    def validate(self, check: Check) -> None:
+        if (self.pool is None) == (not self.split):
+            check.fail("", "exactly one of pool or split is required")
+        if self.split and sum(a.weight for a in self.split) <= 0:
+            check.fail("split", "weights must add up to more than 0")
+
 
 @dataclass
 class DrainConfig:
@@ -178,6 +241,10 @@ class DrainConfig:
 
     delay: float = 0.0
     grace: float = 30.0
+
+    def validate(self, check: Check) -> None:
+        check(self.delay >= 0, "delay", "must be >= 0")
+        check(self.grace >= 0, "grace", "must be >= 0")
 
 
 @dataclass
@@ -195,191 +262,25 @@ class BalancerConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     drain: DrainConfig = field(default_factory=DrainConfig)
 
-
-# --------------------------------------------------------------------------- loading
-
-_SCALARS = (bool, int, float, str)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        if len(args) == 1:
-            return _convert(args[0], value, path, errors)
-        for a in args:  # e.g. str | None handled above; no other unions used
-            if isinstance(value, a):
-                return value
-        errors.append(f"{path}: expected {' or '.join(_type_name(a) for a in args)}")
-        return None
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            errors.append(f"{path}: expected a list")
-            return []
-        return [_convert(item, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-    if origin is dict:
-        _, item = typing.get_args(tp)
-        if not isinstance(value, dict):
-            errors.append(f"{path}: expected a mapping")
-            return {}
-        if item is Any:
-            return dict(value)
-        return {str(k): _convert(item, v, f"{path}.{k}", errors) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if tp is StaticEndpoint and isinstance(value, str):
-            value = {"address": value}
-        return _from_dict(tp, value, path, errors)
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            errors.append(f"{path}: expected a number, got {value!r}")
-            return 0.0
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{path}: expected an integer, got {value!r}")
-            return 0
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{path}: expected true or false, got {value!r}")
-            return False
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            errors.append(f"{path}: expected a string, got {value!r}")
-            return ""
-        return value
-    raise TypeError(f"unsupported config type {tp!r}")
-
-
-def _from_dict(cls: Any, data: Any, path: str, errors: list[str]) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        errors.append(f"{path or '<root>'}: expected a mapping")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            errors.append(f"{path + '.' if path else ''}{key}: unknown field (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{path + '.' if path else ''}{f.name}", errors)
-    return cls(**kwargs)
-
-
-def host_port_ok(address: str) -> bool:
-    """``host:port`` with a port number in range."""
-    host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
-
-
-def _validate(cfg: BalancerConfig, errors: list[str]) -> None:
-    def need(ok: bool, path: str, msg: str) -> None:
-        if not ok:
-            errors.append(f"{path}: {msg}")
-
-    need(bool(cfg.listeners), "listeners", "at least one listener is required")
-    for i, lst in enumerate(cfg.listeners):
-        need(host_port_ok(lst.address), f"listeners[{i}].address", f"expected host:port, got {lst.address!r}")
-    if cfg.admin.address is not None:
-        need(host_port_ok(cfg.admin.address), "admin.address", f"expected host:port, got {cfg.admin.address!r}")
-    need(cfg.workers >= 1, "workers", "must be >= 1")
-    need(cfg.max_message_bytes > 0, "max_message_bytes", "must be > 0")
-    need(cfg.drain.delay >= 0, "drain.delay", "must be >= 0")
-    need(cfg.drain.grace >= 0, "drain.grace", "must be >= 0")
-    for m in cfg.unary_methods:
-        need(m.startswith("/") and m.count("/") == 2, "unary_methods", f"expected /package.Service/Method, got {m!r}")
-    need(bool(cfg.pools), "pools", "at least one pool is required")
-    for name, p in cfg.pools.items():
-        at = f"pools.{name}"
-        if p.picker not in PICKERS:
-            errors.append(f"{at}.picker: unknown picker {p.picker!r} (known: {', '.join(sorted(PICKERS))})")
-        else:
-            try:
-                PICKERS[p.picker](**p.picker_options)
-            except (TypeError, ValueError) as exc:
-                errors.append(f"{at}.picker_options: {exc}")
-        need(p.channels_per_endpoint >= 1, f"{at}.channels_per_endpoint", "must be >= 1")
-        need(p.connect_timeout > 0, f"{at}.connect_timeout", "must be > 0")
-        need(p.timeout is None or p.timeout > 0, f"{at}.timeout", "must be > 0")
-        need(0 <= p.panic_threshold <= 100, f"{at}.panic_threshold", "must be within 0..100")
-        ep = p.endpoints
-        for i, s in enumerate(ep.static):
-            need(host_port_ok(s.address), f"{at}.endpoints.static[{i}].address", f"expected host:port, got {s.address!r}")
-            need(s.weight > 0, f"{at}.endpoints.static[{i}].weight", "must be > 0")
-        need(ep.file_poll_interval > 0, f"{at}.endpoints.file_poll_interval", "must be > 0")
-        if ep.dns is not None:
-            need(bool(ep.dns.name), f"{at}.endpoints.dns.name", "is required")
-            need(0 < ep.dns.port < 65536, f"{at}.endpoints.dns.port", "must be a port number")
-            need(ep.dns.interval > 0, f"{at}.endpoints.dns.interval", "must be > 0")
-        if ep.kubernetes is not None:
-            need(bool(ep.kubernetes.service), f"{at}.endpoints.kubernetes.service", "is required")
-        hc = p.health_check
-        need(hc.interval > 0, f"{at}.health_check.interval", "must be > 0")
-        need(hc.timeout > 0, f"{at}.health_check.timeout", "must be > 0")
-        need(hc.healthy_threshold >= 1, f"{at}.health_check.healthy_threshold", "must be >= 1")
-        need(hc.unhealthy_threshold >= 1, f"{at}.health_check.unhealthy_threshold", "must be >= 1")
-        od = p.outlier_detection
-        need(od.consecutive_failures >= 1, f"{at}.outlier_detection.consecutive_failures", "must be >= 1")
-        need(od.base_ejection_time > 0, f"{at}.outlier_detection.base_ejection_time", "must be > 0")
-        need(od.max_ejection_time >= od.base_ejection_time, f"{at}.outlier_detection.max_ejection_time",
-             "must be >= base_ejection_time")
-        need(0 <= od.max_ejection_percent <= 100, f"{at}.outlier_detection.max_ejection_percent", "must be within 0..100")
-        ss = p.slow_start
-        need(ss.window >= 0, f"{at}.slow_start.window", "must be >= 0")
-        need(ss.aggression > 0, f"{at}.slow_start.aggression", "must be > 0")
-        need(0 < ss.min_weight_percent <= 100, f"{at}.slow_start.min_weight_percent", "must be within (0, 100]")
-        cb = p.circuit_breakers
-        for k in ("max_requests", "max_pending", "max_retries"):
-            need(getattr(cb, k) >= 0, f"{at}.circuit_breakers.{k}", "must be >= 0")
-        r = p.retry
-        need(r.max_attempts >= 1, f"{at}.retry.max_attempts", "must be >= 1")
-        need(r.budget_ratio >= 0, f"{at}.retry.budget_ratio", "must be >= 0")
-        need(r.min_retries_per_second >= 0, f"{at}.retry.min_retries_per_second", "must be >= 0")
-        need(r.budget_ttl > 0, f"{at}.retry.budget_ttl", "must be > 0")
-        need(0 <= r.base_backoff <= r.max_backoff, f"{at}.retry.base_backoff", "must be within 0..max_backoff")
-    if not cfg.routes and len(cfg.pools) > 1:
-        errors.append("routes: required when there is more than one pool")
-    for i, r in enumerate(cfg.routes):
-        at = f"routes[{i}]"
-        if (r.pool is None) == (not r.split):
-            errors.append(f"{at}: exactly one of pool or split is required")
-        if r.pool is not None and r.pool not in cfg.pools:
-            errors.append(f"{at}.pool: unknown pool {r.pool!r}")
-        for j, arm in enumerate(r.split):
-            if arm.pool not in cfg.pools:
-                errors.append(f"{at}.split[{j}].pool: unknown pool {arm.pool!r}")
-            need(arm.weight >= 0, f"{at}.split[{j}].weight", "must be >= 0")
-        if r.split and sum(a.weight for a in r.split) <= 0:
-            errors.append(f"{at}.split: weights must add up to more than 0")
+    def validate(self, check: Check) -> None:
+        check(bool(self.listeners), "listeners", "at least one listener is required")
+        check(self.workers >= 1, "workers", "must be >= 1")
+        check(self.max_message_bytes > 0, "max_message_bytes", "must be > 0")
+        for m in self.unary_methods:
+            check(m.startswith("/") and m.count("/") == 2, "unary_methods", f"expected /package.Service/Method, got {m!r}")
+        check(bool(self.pools), "pools", "at least one pool is required")
+        check(bool(self.routes) or len(self.pools) <= 1, "routes", "required when there is more than one pool")
+        for i, r in enumerate(self.routes):
+            if r.pool is not None and r.pool not in self.pools:
+                check.fail(f"routes[{i}].pool", f"unknown pool {r.pool!r}")
+            for j, arm in enumerate(r.split):
+                if arm.pool not in self.pools:
+                    check.fail(f"routes[{i}].split[{j}].pool", f"unknown pool {arm.pool!r}")
 
 
 def config_from_dict(data: Any) -> BalancerConfig:
     """Build and validate a config from parsed YAML/JSON; raise :class:`ConfigError` with every error."""
-    errors: list[str] = []
-    cfg = _from_dict(BalancerConfig, data, "", errors)
-    if not errors:
-        _validate(cfg, errors)
-    else:
-        # still report semantic errors of the parts that parsed
-        try:
-            _validate(cfg, errors)
-        except Exception:  # a half-built config may not be walkable; the type errors suffice
-            pass
-    if errors:
-        raise ConfigError(errors)
+    cfg = load(BalancerConfig, data, source=SOURCE)
     if not cfg.routes:
         cfg.routes = [RouteConfig(pool=next(iter(cfg.pools)))]
     return cfg
@@ -387,17 +288,9 @@ def config_from_dict(data: Any) -> BalancerConfig:
 
 def load_config(path: str | Path) -> BalancerConfig:
     """Read a YAML (or JSON) config file; raise :class:`ConfigError` listing every problem."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: {exc.strerror}"]) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
-    return config_from_dict(data)
+    return config_from_dict(read_yaml(path, SOURCE))
 
 
 def config_to_dict(cfg: BalancerConfig) -> dict[str, Any]:
     """Plain-data view of the effective config (for ``/config``)."""
-    return dataclasses.asdict(cfg)
+    return to_dict(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modelyard.balancer.endpoint import Endpoint, Outcome
+from modelyard.config import Check
 
 
 @dataclass
@@ -27,6 +28,12 @@ class OutlierConfig:
     max_ejection_time: float = 300.0
     #: at most this share of the pool is ejected at once (but always at least one endpoint)
     max_ejection_percent: float = 50.0
+
+    def validate(self, check: Check) -> None:
+        check(self.consecutive_failures >= 1, "consecutive_failures", "must be >= 1")
+        check(self.base_ejection_time > 0, "base_ejection_time", "must be > 0")
+        check(self.max_ejection_time >= self.base_ejection_time, "max_ejection_time", "must be >= base_ejection_time")
+        check(0 <= self.max_ejection_percent <= 100, "max_ejection_percent", "must be within 0..100")
 
 
 class OutlierDetector:

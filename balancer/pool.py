@@ -13,13 +13,13 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from modelyard.balancer.clock import MONOTONIC, Clock
 from modelyard.balancer.config import PoolConfig
 from modelyard.balancer.endpoint import Endpoint, Health, Outcome, Snapshot
 from modelyard.balancer.metrics import Stats
 from modelyard.balancer.outlier import OutlierDetector
 from modelyard.balancer.pickers import PICKERS
 from modelyard.balancer.retry import RetryBudget
+from modelyard.clock import MONOTONIC, Clock
 
 #: makes the per-endpoint connection object; None = no data-plane connections (control process)
 UpstreamFactory = Callable[[str], Any]

@@ -31,7 +31,6 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from modelyard.balancer.clock import MONOTONIC, Clock
 from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome
 from modelyard.balancer.h2.connection import (
     CANCEL,
@@ -49,6 +48,7 @@ from modelyard.balancer.h2.hpack import Headers, encode, encode_field
 from modelyard.balancer.pool import Pool
 from modelyard.balancer.retry import backoff
 from modelyard.balancer.routing import Router
+from modelyard.clock import MONOTONIC, Clock
 
 log = logging.getLogger("modelyard.balancer.proxy")
 

@@ -11,7 +11,8 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from modelyard.balancer.clock import MONOTONIC, Clock
+from modelyard.clock import MONOTONIC, Clock
+from modelyard.config import Check
 
 
 @dataclass
@@ -30,6 +31,13 @@ class RetryConfig:
     base_backoff: float = 0.005
     #: backoff cap, seconds
     max_backoff: float = 0.1
+
+    def validate(self, check: Check) -> None:
+        check(self.max_attempts >= 1, "max_attempts", "must be >= 1")
+        check(self.budget_ratio >= 0, "budget_ratio", "must be >= 0")
+        check(self.min_retries_per_second >= 0, "min_retries_per_second", "must be >= 0")
+        check(self.budget_ttl > 0, "budget_ttl", "must be > 0")
+        check(0 <= self.base_backoff <= self.max_backoff, "base_backoff", "must be within 0..max_backoff")
 
 
 class RetryBudget:

@@ -19,8 +19,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h
+from echo import closed_loop, echo_server_cmd
+from envoy_proxy import envoy_cmd, envoy_config
+from h2load import h2load_available, run_h2load, write_frame_file
+from report import percentiles, print_table, write_json
 
+from modelyard.launcher import Process, free_port
 from modelyard.protos import grpc_service_pb2 as pb
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -34,7 +38,7 @@ def payload() -> bytes:
 
 
 def modelyard_cmd(port: int, backends: list[int], workers: int, picker: str = "round_robin") -> list[str]:
-    return [h.PY, "-m", "modelyard.clients.cli", "balance", "--listen", f"127.0.0.1:{port}", "--no-admin",
+    return [sys.executable, "-m", "modelyard.clients.cli", "balance", "--listen", f"127.0.0.1:{port}", "--no-admin",
             "--endpoints", ",".join(f"127.0.0.1:{p}" for p in backends), "--picker", picker,
             "--workers", str(workers), "--log-level", "WARNING"]
 
@@ -43,15 +47,15 @@ def measure(name: str, port: int, frame: Path, levels: list[int], duration: floa
             p50_requests: int) -> list[dict[str, Any]]:
     rows = []
     # warm connections and caches
-    h.run_h2load(port, METHOD, frame, clients=4, requests=400)
+    run_h2load(port, METHOD, frame, clients=4, requests=400)
     for c in levels:
         conns = min(c, 8)
-        r = h.run_h2load(port, METHOD, frame, clients=conns, streams=max(1, c // conns), duration=duration,
+        r = run_h2load(port, METHOD, frame, clients=conns, streams=max(1, c // conns), duration=duration,
                          warmup=0.5, threads=2)
         rows.append({"target": name, "c": c, "rps": r["rps"], "mean_ms": r.get("mean_ms"), "max_ms": r.get("max_ms"),
                      "failed": r.get("failed", 0) + r.get("errored", 0), **({"error": r["error"]} if "error" in r else {})})
-    cl = h.closed_loop(port, METHOD, body, concurrency=1, requests=p50_requests)
-    pct = h.percentiles(cl["latencies_ms"])
+    cl = closed_loop(port, METHOD, body, concurrency=1, requests=p50_requests)
+    pct = percentiles(cl["latencies_ms"])
     for row in rows:
         if row["c"] == 1:
             row["p50_c1_ms"] = pct["p50"]
@@ -67,28 +71,28 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2", help="modelyard worker counts to measure")
     ap.add_argument("--quick", action="store_true", help="1 s points, c=1,64 only")
     a = ap.parse_args()
-    if not h.h2load_available():
+    if not h2load_available():
         print("h2load not found (apt-get install nghttp2-client); skipping", file=sys.stderr)
         return 0
     levels = [1, 64] if a.quick else [int(x) for x in a.concurrency.split(",")]
     duration = 1.0 if a.quick else a.duration
     body = payload()
-    frame = h.write_frame_file(body)
+    frame = write_frame_file(body)
     tmp = Path(tempfile.mkdtemp(prefix="bench-balancer-"))
-    backends = [h.free_port(), h.free_port()]
+    backends = [free_port(), free_port()]
     rows: list[dict[str, Any]] = []
-    with h.start(h.echo_server_cmd(backends[0]), backends[0]), h.start(h.echo_server_cmd(backends[1]), backends[1]):
+    with Process(echo_server_cmd(backends[0]), ready=backends[0]), Process(echo_server_cmd(backends[1]), ready=backends[1]):
         rows += measure("direct", backends[0], frame, levels, duration, body, a.p50_requests)
         for w in [int(x) for x in a.workers.split(",")]:
-            port = h.free_port()
-            with h.start(modelyard_cmd(port, backends, w), port):
+            port = free_port()
+            with Process(modelyard_cmd(port, backends, w), ready=port):
                 rows += measure(f"modelyard_w{w}", port, frame, levels, duration, body, a.p50_requests)
         for policy in ("ROUND_ROBIN", "LEAST_REQUEST"):
-            port, admin = h.free_port(), h.free_port()
-            cfg = h.envoy_config(port, admin, policy, backends, tmp / f"envoy-{policy}.yaml")
-            with h.start(h.envoy_cmd(cfg), port):
+            port, admin = free_port(), free_port()
+            cfg = envoy_config(port, admin, policy, backends, tmp / f"envoy-{policy}.yaml")
+            with Process(envoy_cmd(cfg), ready=port):
                 rows += measure(f"envoy_{policy.lower()}", port, frame, levels, duration, body, a.p50_requests)
-    h.print_table(rows, ["target", "c", "rps", "mean_ms", "max_ms", "failed", "p50_c1_ms", "p99_c1_ms"],
+    print_table(rows, ["target", "c", "rps", "mean_ms", "max_ms", "failed", "p50_c1_ms", "p99_c1_ms"],
                   "gRPC unary echo through each target (h2load; p50/p99 at c=1 from a closed-loop client)")
     by = {(r["target"], r["c"]): r for r in rows}
     summary: dict[str, Any] = {}
@@ -105,7 +109,7 @@ def main() -> int:
     print("\nsummary (targets: modelyard >= 0.6x Envoy RPS at c=64; added p50 at c=1 <= 0.3 ms)")
     for k, v in summary.items():
         print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
-    path = h.write_json("balancer", {"method": METHOD, "payload_bytes": len(body), "duration_s": duration,
+    path = write_json("balancer", {"method": METHOD, "payload_bytes": len(body), "duration_s": duration,
                                      "rows": rows, "summary": summary})
     print(f"wrote {path}")
     return 0

@@ -18,8 +18,11 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness
 import minilm
+from h2load import h2load_available, run_h2load, write_frame_file
+from report import RESULTS, ROOT, print_table, write_json
+
+from modelyard.launcher import Process, free_port
 
 DELAYS_US = (0, 2000, 8000)
 PREFERRED = ((), (16,), (32,))
@@ -31,13 +34,13 @@ def serve_once(tmp: Path, delay_us: int, preferred: tuple[int, ...], concurrency
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["dynamic_batching"]["preferred_batch_size"] = list(preferred)
     cfg_path.write_text(yaml.safe_dump(cfg))
-    gport, hport = harness.free_port(), harness.free_port()
-    cmd = [str(harness.ROOT / ".venv/bin/modelyard"), "serve", "--model-repository", str(repo),
+    gport, hport = free_port(), free_port()
+    cmd = [str(ROOT / ".venv/bin/modelyard"), "serve", "--model-repository", str(repo),
            "--grpc-port", str(gport), "--http-port", str(hport), "--log-level", "warning"]
-    frame = harness.write_frame_file(minilm.infer_request_bytes("minilm"), tmp / "sweep.frame")
-    with harness.start(cmd, port=gport, timeout=120, env={"HF_HUB_OFFLINE": "1"}):
+    frame = write_frame_file(minilm.infer_request_bytes("minilm"), tmp / "sweep.frame")
+    with Process(cmd, ready=gport, start_timeout=120, env={"HF_HUB_OFFLINE": "1"}):
         minilm.check_answer(gport, "minilm")
-        r = harness.run_h2load(gport, minilm.METHOD, frame, clients=concurrency, duration=duration, warmup=1.0,
+        r = run_h2load(gport, minilm.METHOD, frame, clients=concurrency, duration=duration, warmup=1.0,
                                log_file=tmp / ".sweep.log")
     return {"delay_us": delay_us, "preferred": list(preferred), "sent_s": r["rps"], "p50": r.get("p50"),
             "p99": r.get("p99")}
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=4.0)
     ap.add_argument("--concurrency", type=int, default=32)
     args = ap.parse_args(argv)
-    if not harness.h2load_available():
+    if not h2load_available():
         print("batching_sweep needs h2load (apt-get install nghttp2-client); skipped")
         return 0
     rows = []
@@ -76,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             for pref in PREFERRED:
                 rows.append(serve_once(Path(d), delay, pref, args.concurrency, args.duration))
                 print(rows[-1], flush=True)
-    harness.print_table(rows, ["delay_us", "preferred", "sent_s", "p50", "p99"], "batching sweep")
-    png = harness.RESULTS / "batching_sweep.png"
+    print_table(rows, ["delay_us", "preferred", "sent_s", "p50", "p99"], "batching sweep")
+    png = RESULTS / "batching_sweep.png"
     plot(rows, args.concurrency, png)
-    path = harness.write_json("batching_sweep", {"concurrency": args.concurrency, "rows": rows, "plot": str(png)})
+    path = write_json("batching_sweep", {"concurrency": args.concurrency, "rows": rows, "plot": str(png)})
     print(f"wrote {path} and {png}")
     return 0
 

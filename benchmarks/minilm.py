@@ -28,9 +28,12 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness
+from echo import closed_loop
+from h2load import h2load_available, run_h2load, write_frame_file
+from report import ROOT, percentiles, print_table, write_json
 
-ROOT = harness.ROOT
+from modelyard.launcher import Process, free_port
+
 MLSERVER_VENV = ROOT / ".venv-mlserver"
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -86,7 +89,7 @@ def raw_torch(duration: float, batches: tuple[int, ...] = (1, 8, 16, 32, 64)) ->
                 lat.append((time.perf_counter() - s) * 1e3)
                 n += b
             wall = time.perf_counter() - t0
-        rows.append({"system": "raw torch", "batch": b, "sent_s": n / wall, **harness.percentiles(lat, (50, 99))})
+        rows.append({"system": "raw torch", "batch": b, "sent_s": n / wall, **percentiles(lat, (50, 99))})
     return rows
 
 
@@ -113,16 +116,16 @@ def modelyard_repo(root: Path, delay_us: int, max_batch: int) -> Path:
 def drive(port: int, frame: Path, payload: bytes, duration: float, label: str) -> list[dict[str, Any]]:
     rows = []
     for c in CONCURRENCY:
-        if harness.h2load_available():
+        if h2load_available():
             log = frame.parent / f".h2load-{label}-{c}.log"
-            r = harness.run_h2load(port, METHOD, frame, clients=c, duration=duration, warmup=1.0,
+            r = run_h2load(port, METHOD, frame, clients=c, duration=duration, warmup=1.0,
                                    threads=1, log_file=log)
             rows.append({"system": label, "client": "h2load", "c": c, "sent_s": r["rps"],
                          "p50": r.get("p50"), "p99": r.get("p99"), "failed": r.get("failed", 0) + r.get("errored", 0)})
         if c > 1:
             n = max(c * 4, int(rows[-1]["sent_s"] * duration / 2) if rows else 200)
-            r2 = harness.closed_loop(port, METHOD, payload, concurrency=c, requests=n)
-            pct = harness.percentiles(r2["latencies_ms"], (50, 99))
+            r2 = closed_loop(port, METHOD, payload, concurrency=c, requests=n)
+            pct = percentiles(r2["latencies_ms"], (50, 99))
             rows.append({"system": label, "client": "async grpc", "c": c, "sent_s": r2["rps"], "p50": pct["p50"],
                          "p99": pct["p99"], "failed": sum(r2["errors"].values())})
     return rows
@@ -142,13 +145,12 @@ def check_answer(port: int, model: str) -> None:
 
 def run_modelyard(tmp: Path, duration: float, delay_us: int = 2000, max_batch: int = 64) -> list[dict[str, Any]]:
     repo = modelyard_repo(tmp, delay_us, max_batch)
-    gport, hport = harness.free_port(), harness.free_port()
+    gport, hport = free_port(), free_port()
     cmd = [str(ROOT / ".venv/bin/modelyard"), "serve", "--model-repository", str(repo), "--grpc-port", str(gport),
            "--http-port", str(hport), "--log-level", "warning"]
     payload = infer_request_bytes("minilm")
-    frame = harness.write_frame_file(payload, tmp / "minilm.frame")
-    with harness.start(cmd, port=gport, name="modelyard", timeout=120, env={"HF_HUB_OFFLINE": "1"}):
-        harness.wait_port(hport, 60)
+    frame = write_frame_file(payload, tmp / "minilm.frame")
+    with Process(cmd, ready="line", name="modelyard", start_timeout=120, env={"HF_HUB_OFFLINE": "1"}):
         check_answer(gport, "minilm")
         return drive(gport, frame, payload, duration, "modelyard")
 
@@ -194,15 +196,15 @@ def run_mlserver(tmp: Path, duration: float, max_batch: int = 64, delay_s: float
         "name": "minilm", "implementation": "runtime.MiniLM", "max_batch_size": max_batch,
         "max_batch_time": delay_s, "parameters": {"uri": str(minilm_path())},
     }))
-    gport, hport, mport = harness.free_port(), harness.free_port(), harness.free_port()
+    gport, hport, mport = free_port(), free_port(), free_port()
     (mdir / "settings.json").write_text(json.dumps({
         "grpc_port": gport, "http_port": hport, "metrics_port": mport, "parallel_workers": 0,
         "host": "127.0.0.1", "debug": False,
     }))
     payload = infer_request_bytes("minilm")
-    frame = harness.write_frame_file(payload, tmp / "mlserver.frame")
+    frame = write_frame_file(payload, tmp / "mlserver.frame")
     env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(mdir / "minilm")}
-    with harness.start([str(MLSERVER_VENV / "bin/mlserver"), "start", str(mdir)], port=gport, name="mlserver",
+    with Process([str(MLSERVER_VENV / "bin/mlserver"), "start", str(mdir)], ready=gport, name="mlserver",
                        timeout=180, env=env):
         check_answer_retry(gport)
         return drive(gport, frame, payload, duration, "mlserver")
@@ -254,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-mlserver", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not harness.h2load_available():
+    if not h2load_available():
         print("h2load not found (apt-get install nghttp2-client): only the async gRPC client will drive the servers")
     raw = raw_torch(args.duration)
-    harness.print_table(raw, ["system", "batch", "sent_s", "p50", "p99"], "raw torch (in-process loop)")
+    print_table(raw, ["system", "batch", "sent_s", "p50", "p99"], "raw torch (in-process loop)")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-minilm-") as d:
         tmp = Path(d)
@@ -273,11 +275,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_mlserver(tmp, args.duration)
             except Exception as exc:  # a broken baseline must not hide modelyard's numbers
                 print(f"MLServer run failed: {exc!r}")
-    harness.print_table(rows, ["system", "client", "c", "sent_s", "p50", "p99", "failed"], "served (one sentence/request)")
+    print_table(rows, ["system", "client", "c", "sent_s", "p50", "p99", "failed"], "served (one sentence/request)")
     summary = ratios(rows, raw)
     for k, v in summary.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
-    path = harness.write_json("minilm", {"raw_torch": raw, "served": rows, "ratios": summary,
+    path = write_json("minilm", {"raw_torch": raw, "served": rows, "ratios": summary,
                                          "command": " ".join(["benchmarks/minilm.py", *(argv or sys.argv[1:])])})
     print(f"wrote {path}")
     return 0

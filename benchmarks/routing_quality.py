@@ -31,7 +31,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h
+from echo import echo_server_cmd
+from envoy_proxy import envoy_cmd, envoy_config
+from h2load import h2load_available, run_h2load, write_frame_file
+from report import RESULTS, percentiles, print_table, write_json
+
+from modelyard.launcher import Process, free_port
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 BODY = b"\x0a\x08identity"
@@ -44,15 +49,15 @@ SCENARIOS = {
 
 
 def modelyard_cmd(port: int, backends: list[int], picker: str) -> list[str]:
-    return [h.PY, "-m", "modelyard.clients.cli", "balance", "--listen", f"127.0.0.1:{port}", "--no-admin",
+    return [sys.executable, "-m", "modelyard.clients.cli", "balance", "--listen", f"127.0.0.1:{port}", "--no-admin",
             "--endpoints", ",".join(f"127.0.0.1:{p}" for p in backends), "--picker", picker,
             "--log-level", "WARNING"]
 
 
 def run_one(cmd: list[str], port: int, a: argparse.Namespace, frame: Path, log: Path) -> dict[str, Any]:
-    with h.start(cmd, port):
-        h.run_h2load(port, METHOD, frame, clients=4, requests=200)  # warm up connections
-        r = h.run_h2load(port, METHOD, frame, clients=a.concurrency, requests=a.requests, rps=a.rps_per_client,
+    with Process(cmd, ready=port):
+        run_h2load(port, METHOD, frame, clients=4, requests=200)  # warm up connections
+        r = run_h2load(port, METHOD, frame, clients=a.concurrency, requests=a.requests, rps=a.rps_per_client,
                          log_file=log, timeout=300, stagger=not a.burst)
         return {"latencies_ms": r.get("latencies_ms", []), "rps": r["rps"],
                 "errors": {"failed": r.get("failed", 0) + r.get("errored", 0)}}
@@ -68,45 +73,45 @@ def main() -> int:
     ap.add_argument("--base-ms", type=float, default=5.0, help="every backend's service time (asyncio.sleep)")
     ap.add_argument("--no-envoy", action="store_true")
     a = ap.parse_args()
-    if not h.h2load_available():
+    if not h2load_available():
         print("h2load not found (apt-get install nghttp2-client); skipping", file=sys.stderr)
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench-routing-"))
-    frame = h.write_frame_file(BODY, tmp / "frame.bin")
+    frame = write_frame_file(BODY, tmp / "frame.bin")
     log = tmp / "h2load.log"
     rows: list[dict[str, Any]] = []
     samples: dict[str, dict[str, list[float]]] = {}
 
     def record(scenario: str, policy: str, res: dict[str, Any]) -> None:
-        pct = h.percentiles(res["latencies_ms"])
+        pct = percentiles(res["latencies_ms"])
         rows.append({"scenario": scenario, "policy": policy, "ok": len(res["latencies_ms"]),
                      "errors": sum(res["errors"].values()), "rps": res["rps"], **pct})
         samples.setdefault(scenario, {})[policy] = res["latencies_ms"]
 
-    good = [h.free_port() for _ in range(2)]
+    good = [free_port() for _ in range(2)]
     base = a.base_ms
-    with h.start(h.echo_server_cmd(good[0], delay_ms=base), good[0]), \
-            h.start(h.echo_server_cmd(good[1], delay_ms=base), good[1]):
-        port = h.free_port()
+    with Process(echo_server_cmd(good[0], delay_ms=base), ready=good[0]), \
+            Process(echo_server_cmd(good[1], delay_ms=base), ready=good[1]):
+        port = free_port()
         record("baseline", "healthy_2_round_robin",
                run_one(modelyard_cmd(port, good, "round_robin"), port, a, frame, log))
-        port = h.free_port()
+        port = free_port()
         record("baseline", "healthy_2_peak_ewma",
                run_one(modelyard_cmd(port, good, "peak_ewma"), port, a, frame, log))
         for scenario, bad in SCENARIOS.items():
-            bad_port = h.free_port()
+            bad_port = free_port()
             bad_args = {**bad, "delay_ms": base + bad["delay_ms"]}
-            with h.start(h.echo_server_cmd(bad_port, seed=7, **bad_args), bad_port):
+            with Process(echo_server_cmd(bad_port, seed=7, **bad_args), ready=bad_port):
                 backends = [*good, bad_port]
                 for picker in PICKERS:
-                    port = h.free_port()
+                    port = free_port()
                     record(scenario, picker, run_one(modelyard_cmd(port, backends, picker), port, a, frame, log))
                 if not a.no_envoy:
                     for policy in ("ROUND_ROBIN", "LEAST_REQUEST"):
-                        port, admin = h.free_port(), h.free_port()
-                        cfg = h.envoy_config(port, admin, policy, backends, tmp / f"envoy-{scenario}-{policy}.yaml")
-                        record(scenario, f"envoy_{policy.lower()}", run_one(h.envoy_cmd(cfg), port, a, frame, log))
-    h.print_table(rows, ["scenario", "policy", "ok", "errors", "rps", "p50", "p90", "p99", "p99.9"],
+                        port, admin = free_port(), free_port()
+                        cfg = envoy_config(port, admin, policy, backends, tmp / f"envoy-{scenario}-{policy}.yaml")
+                        record(scenario, f"envoy_{policy.lower()}", run_one(envoy_cmd(cfg), port, a, frame, log))
+    print_table(rows, ["scenario", "policy", "ok", "errors", "rps", "p50", "p90", "p99", "p99.9"],
                   f"latency (ms), h2load c={a.concurrency} x {a.rps_per_client} req/s, {a.requests} requests per "
                   f"policy, backends {base:g} ms")
     healthy = next(r for r in rows if r["policy"] == "healthy_2_round_robin")
@@ -123,7 +128,7 @@ def main() -> int:
         print(f"  {k}: {v:.3f}")
     plot(samples, "_burst" if a.burst else "")
     name = "routing_quality_burst" if a.burst else "routing_quality"
-    path = h.write_json(name, {"concurrency": a.concurrency, "requests": a.requests, "burst": a.burst,
+    path = write_json(name, {"concurrency": a.concurrency, "requests": a.requests, "burst": a.burst,
                                             "rps_per_client": a.rps_per_client, "base_ms": base,
                                             "scenarios": SCENARIOS, "rows": rows, "summary": summary})
     print(f"wrote {path}")
@@ -151,7 +156,7 @@ def plot(samples: dict[str, dict[str, list[float]]], suffix: str = "") -> None:
         ax.set_title(f"routing quality: {scenario}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        out = h.RESULTS / f"routing_quality_{scenario}{suffix}.png"
+        out = RESULTS / f"routing_quality_{scenario}{suffix}.png"
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
         print(f"wrote {out}")

@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness
+from echo import echo_server_cmd
+from h2load import h2load_available, run_h2load, write_frame_file
+from report import print_table, write_json
 
+from modelyard.launcher import Process, free_port
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos.tensors import to_raw
 
@@ -59,18 +62,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating rounds per level; medians are compared (default 3)")
     args = ap.parse_args()
-    if not harness.h2load_available():
+    if not h2load_available():
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
     levels = [int(x) for x in args.levels.split(",")]
     body = payload()
-    frame = harness.write_frame_file(body, Path(tempfile.mkdtemp()) / "frame.bin")
-    echo_port, grpc_port, http_port = harness.free_port(), harness.free_port(), harness.free_port()
-    serve = [harness.PY, "-m", "modelyard.clients.cli", "serve", "--grpc-port", str(grpc_port),
+    frame = write_frame_file(body, Path(tempfile.mkdtemp()) / "frame.bin")
+    echo_port, grpc_port, http_port = free_port(), free_port(), free_port()
+    serve = [sys.executable, "-m", "modelyard.clients.cli", "serve", "--grpc-port", str(grpc_port),
              "--http-port", str(http_port), "--model", "identity", "--log-level", "warning"]
     rows = []
-    with harness.start(harness.echo_server_cmd(echo_port), port=echo_port, name="echo"), \
-            harness.start(serve, port=grpc_port, name="modelyard"):
+    with Process(echo_server_cmd(echo_port), ready=echo_port, name="echo"), \
+            Process(serve, ready=grpc_port, name="modelyard"):
         check_modelyard(grpc_port, body)
         for c in levels:
             conns, streams = shape(c)
@@ -80,7 +83,7 @@ def main() -> int:
             for _ in range(args.rounds):
                 for name, port in (("echo", echo_port), ("modelyard", grpc_port)):
                     log = Path(tempfile.mkstemp(suffix=".h2load.log")[1])
-                    r = harness.run_h2load(port, PATH, frame, conns, streams=streams, duration=args.duration,
+                    r = run_h2load(port, PATH, frame, conns, streams=streams, duration=args.duration,
                                            warmup=args.warmup, log_file=log)
                     if r.get("error"):
                         print(f"{name} c={c}: h2load failed: {r['error']}", file=sys.stderr)
@@ -96,8 +99,8 @@ def main() -> int:
             rows.append(row)
     cols = ["concurrency", "echo_rps", "modelyard_rps", "rps_ratio", "echo_p50_ms", "modelyard_p50_ms",
             "echo_p99_ms", "modelyard_p99_ms", "p50_added_ms"]
-    harness.print_table(rows, cols, "modelyard serve (identity, FP32 1x16) vs bare grpc.aio echo, h2load")
-    path = harness.write_json("server_overhead", {"rows": rows, "duration_s": args.duration, "rounds": args.rounds,
+    print_table(rows, cols, "modelyard serve (identity, FP32 1x16) vs bare grpc.aio echo, h2load")
+    path = write_json("server_overhead", {"rows": rows, "duration_s": args.duration, "rounds": args.rounds,
                                                    "payload_bytes": len(body)})
     print(f"\nwrote {path}")
     return 0

@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from modelyard.clients.launcher import BalancerProcess, Endpoints, ServerProcess, modelyard_argv
+from modelyard.launcher import BalancerProcess, Endpoints, ServerProcess, modelyard_argv
 
 STEP_TIMEOUT_S = 60.0
 
@@ -131,7 +131,7 @@ def balancer_steps(balancer: Endpoints) -> list[Step]:
         cli_step("Sample traffic through the balancer (peak-EWMA over two replicas)",
                  "bench", "text_sentiment_demo", "-i", 'TEXT=["a great day"]', "-c", "8", "--duration", "2", *url),
         http_get_step("The balancer's view of its endpoints (admin API)",
-                      f"http://{balancer.http}/endpoints", _endpoint_lines),
+                      f"http://{balancer.admin}/endpoints", _endpoint_lines),
     ]
 
 
@@ -167,7 +167,7 @@ def main() -> int:
                 assert replica.endpoints is not None
                 with BalancerProcess([server.endpoints.grpc, replica.endpoints.grpc]) as balancer:
                     assert balancer.endpoints is not None
-                    print(f"balancer ready: gRPC {balancer.endpoints.grpc}, admin {balancer.endpoints.http}", flush=True)
+                    print(f"balancer ready: gRPC {balancer.endpoints.grpc}, admin {balancer.endpoints.admin}", flush=True)
                     failed += run_steps(balancer_steps(balancer.endpoints))
             print("\n$ kill -TERM <balancer> <replicas>", flush=True)
         status = server.proc.returncode if server.proc is not None else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelyard.server.runtimes import transformers_tiny as tiny
+from modelyard.server.execution.runtimes import transformers_tiny as tiny
 
 REPO = Path(__file__).resolve().parent / "model_repository"
 

@@ -22,13 +22,14 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from modelyard.launcher import print_ready
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos._pool import POOL
 from modelyard.server.demo_models import DEMO_REPOSITORY
-from modelyard.server.grpc_service import InferenceServicer, add_inference_service
-from modelyard.server.http_app import build_app
+from modelyard.server.frontends.grpc_api import InferenceServicer, add_inference_service
+from modelyard.server.frontends.openai_api import add_openai_routes
+from modelyard.server.frontends.rest_api import build_app
 from modelyard.server.metrics import ServerMetrics
-from modelyard.server.openai_api import add_openai_routes
 from modelyard.server.repository import ModelRepository
 
 log = logging.getLogger("modelyard.server")
@@ -183,8 +184,8 @@ class ModelServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         await self.startup()
-        print(f"modelyard ready grpc={self.settings.host}:{self.grpc_port} http={self.settings.host}:{self.http_port}",
-              flush=True)
+        host = self.settings.host
+        print_ready(grpc=f"{host}:{self.grpc_port}", http=f"{host}:{self.http_port}")
         await self._stop.wait()
         await self.shutdown()
 

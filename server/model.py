@@ -8,14 +8,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
-from modelyard.server.cache import ResponseCache, request_key
-from modelyard.server.config import ModelConfig
-from modelyard.server.devices import resolve_devices
 from modelyard.server.errors import Cancelled, ModelNotReady, ModelyardError, Overloaded, as_modelyard_error
-from modelyard.server.instances import Instance, InstancePool
+from modelyard.server.execution.devices import resolve_devices
+from modelyard.server.execution.instances import Instance, InstancePool
+from modelyard.server.execution.runtimes.base import Runtime, runtime_class
 from modelyard.server.metrics import ServerMetrics
-from modelyard.server.runtimes.base import Runtime, runtime_class
-from modelyard.server.scheduler import DirectScheduler, Scheduler
+from modelyard.server.model_config import ModelConfig
+from modelyard.server.scheduling.cache import ResponseCache, request_key
+from modelyard.server.scheduling.scheduler import DirectScheduler, Scheduler
 from modelyard.server.stats import ModelStats
 from modelyard.server.types import InferRequest, InferResponse
 from modelyard.server.validation import validate_request
@@ -34,7 +34,7 @@ def build_scheduler(cfg: ModelConfig, pool: InstancePool, observer) -> Scheduler
     """The scheduler a config asks for (dynamic batching when configured)."""
     if cfg.dynamic_batching is not None:
         try:
-            from modelyard.server.batcher import DynamicBatcher
+            from modelyard.server.scheduling.batcher import DynamicBatcher
         except ImportError:  # pragma: no cover - batcher not built
             return DirectScheduler(pool, observer)
         return DynamicBatcher(cfg, pool, observer)
@@ -82,7 +82,7 @@ class ModelVersion:
         try:
             for i, device in enumerate(devices):
                 if self.config.execution == "process":
-                    from modelyard.server.process_worker import ProcessRuntime
+                    from modelyard.server.execution.process_worker import ProcessRuntime
 
                     runtime: Runtime = ProcessRuntime(self.config, self.path, device)
                 else:

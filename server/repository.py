@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelyard.server.config import ModelConfig, TensorSpec, VersionPolicy, load_config
 from modelyard.server.errors import (
     ConfigError,
     InvalidInput,
@@ -24,6 +23,7 @@ from modelyard.server.errors import (
 )
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model import READY, UNAVAILABLE, ModelVersion
+from modelyard.server.model_config import ModelConfig, TensorSpec, VersionPolicy, load_config
 
 log = logging.getLogger("modelyard.server")
 

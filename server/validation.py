@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from modelyard.protos.tensors import datatype_of
-from modelyard.server.config import ANY, ModelConfig
 from modelyard.server.errors import InvalidInput
+from modelyard.server.model_config import ANY, ModelConfig
 from modelyard.server.types import InferRequest
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from modelyard.protos.tensors import CONFIG_TYPES, DTYPES, as_bytes_array
-from modelyard.server.config import ModelConfig, WarmupSample
 from modelyard.server.errors import ConfigError
+from modelyard.server.model_config import ModelConfig, WarmupSample
 from modelyard.server.types import InferRequest
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from modelyard.clients import launcher
+from modelyard import launcher
 
 
 class ServerProcess(launcher.ServerProcess):

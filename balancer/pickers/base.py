@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from modelyard.balancer.clock import MONOTONIC, Clock
 from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome, Snapshot
+from modelyard.clock import MONOTONIC, Clock
 
 
 class Picker(Protocol):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,15 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from modelyard.balancer.app import Balancer
 from modelyard.balancer.config import config_from_dict
+from modelyard.launcher import Process, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-HARNESS = ROOT / "benchmarks" / "harness.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ECHO = ROOT / "benchmarks" / "echo.py"
 
 
 class Backend:
@@ -302,29 +297,18 @@ async def test_garbage_and_non_grpc_requests_are_rejected_and_serving_continues(
 
 
 async def test_upstream_reset_mid_stream_gives_unavailable_not_a_hang() -> None:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HARNESS), "echo", "--port", str(port), "--delay-ms", "60000"])  # noqa: ASYNC220
-    try:
-        async with balancer({"p": pool_of(f"127.0.0.1:{port}", health_check={"enabled": False})}) as b, \
+    echo = Process([sys.executable, str(ECHO), "serve", "--port", "0", "--delay-ms", "60000"], name="echo")
+    with echo:
+        assert echo.endpoints is not None
+        async with balancer({"p": pool_of(echo.endpoints.grpc, health_check={"enabled": False})}) as b, \
                 channel(b) as ch:
-            deadline = time.monotonic() + 20
-            while True:  # wait for the echo process to listen
-                try:
-                    with socket.create_connection(("127.0.0.1", port), 0.2):
-                        break
-                except OSError:
-                    assert time.monotonic() < deadline, "echo backend did not start"
-                    await asyncio.sleep(0.05)
             call = ch.stream_stream("/bench.Echo/Stream")()
             await call.write(b"hello")
             await until(lambda: b.pools["p"].active == 1, what="stream in flight")
-            proc.kill()
+            echo.signal(signal.SIGKILL)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await asyncio.wait_for(call.read(), 10)
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 async def test_large_messages_and_long_streams_cross_flow_control_windows(backends: list[Backend]) -> None:

@@ -5,13 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -21,49 +17,19 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 
+from modelyard import launcher
 from modelyard.protos import grpc_service_pb2 as pb
 
-LISTENING = re.compile(r"listening on (\d+)(?:,\d+)*, admin http://127\.0\.0\.1:(\d+)")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class BalancerProcess:
-    """``modelyard balance --config`` in a subprocess; ``port`` / ``admin`` once listening."""
+class BalancerProcess(launcher.BalancerProcess):
+    """``modelyard balance --config`` in a subprocess, started on construction."""
 
     def __init__(self, config: dict[str, Any], timeout: float = 30.0) -> None:
-        self.cfg_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-        yaml.safe_dump(config, self.cfg_file)
-        self.cfg_file.close()
-        self.proc = subprocess.Popen([sys.executable, "-m", "modelyard.clients.cli", "balance", "--config",
-                                      self.cfg_file.name, "--log-level", "WARNING"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: list[str] = []
-        found = threading.Event()
-        self.port = self.admin_port = 0
-
-        def reader() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = LISTENING.search(line)
-                if m:
-                    self.port, self.admin_port = int(m.group(1)), int(m.group(2))
-                    found.set()
-            found.set()
-
-        threading.Thread(target=reader, daemon=True).start()
-        if not found.wait(timeout) or not self.port:
-            self.kill()
-            raise RuntimeError("balancer did not start:\n" + "".join(self.lines))
+        super().__init__(config=config, extra_args=["--log-level", "WARNING"], start_timeout=timeout)
+        self.start()
 
     def admin(self, path: str, body: dict[str, Any] | None = None) -> Any:
         req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}",
@@ -74,15 +40,12 @@ class BalancerProcess:
             return json.loads(r.read())
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        Path(self.cfg_file.name).unlink(missing_ok=True)
+        self.stop(timeout=0)
 
 
 @contextlib.contextmanager
 def balancer(endpoints: list[str], workers: int = 1, **pool: Any) -> Iterator[BalancerProcess]:
-    port = free_port() if workers > 1 else 0
+    port = launcher.free_port() if workers > 1 else 0
     cfg = {
         "listeners": [{"address": f"127.0.0.1:{port}"}],
         "admin": {"address": "127.0.0.1:0"},

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
-import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,33 +13,19 @@ from typing import Any
 import numpy as np
 import pytest
 
+from modelyard.launcher import BalancerProcess
+
 GRPCURL = Path(sys.executable).parent / "grpcurl"
-LISTENING = re.compile(r"listening on (\d+)")
 
 
 @pytest.fixture
 def balanced(start_server: Any) -> Iterator[str]:
     """Two demo replicas behind a balancer; yields the balancer's host:port."""
     replicas = [start_server() for _ in range(2)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelyard.clients.cli", "balance", "--listen", "127.0.0.1:0", "--no-admin",
-         "--endpoints", ",".join(r.grpc_url for r in replicas), "--picker", "least_conn", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    port: queue.Queue[int] = queue.Queue()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            m = LISTENING.search(line)
-            if m:
-                port.put(int(m.group(1)))
-
-    threading.Thread(target=reader, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{port.get(timeout=30)}"
-    finally:
-        proc.kill()
-        proc.wait(10)
+    with BalancerProcess([r.grpc_url for r in replicas], ["--no-admin", "--picker", "least_conn",
+                                                          "--log-level", "WARNING"]) as balancer:
+        assert balancer.endpoints is not None
+        yield balancer.endpoints.grpc
 
 
 def test_tritonclient_unary_and_streaming_through_the_balancer(balanced: str) -> None:

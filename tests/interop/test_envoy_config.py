@@ -13,10 +13,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_envoy_yaml_validates_with_the_real_envoy() -> None:
-    import harness
+    from envoy_proxy import envoy_binary
 
     try:
-        envoy = harness.envoy_binary()
+        envoy = envoy_binary()
     except (FileNotFoundError, RuntimeError) as exc:
         pytest.skip(f"envoy not installed: {exc}")
     out = subprocess.run([envoy, "--mode", "validate", "-c", str(ROOT / "envoy" / "envoy.yaml"), "-l", "error"],

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from modelyard.balancer.clock import FakeClock
 from modelyard.balancer.config import HealthCheckConfig, PoolConfig, SlowStartConfig
 from modelyard.balancer.endpoint import Endpoint, Health, Outcome
 from modelyard.balancer.outlier import OutlierConfig, OutlierDetector
 from modelyard.balancer.pool import Pool
 from modelyard.balancer.retry import RetryBudget, RetryConfig, backoff
+from modelyard.clock import FakeClock
 
 
 def test_outlier_ejects_after_consecutive_failures_with_growing_time() -> None:

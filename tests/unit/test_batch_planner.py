@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from modelyard.server.batch_planner import BatchPlanner, PlannerConfig
-from modelyard.server.config import DynamicBatching
 from modelyard.server.errors import InvalidInput, Overloaded
+from modelyard.server.model_config import DynamicBatching
+from modelyard.server.scheduling.planner import BatchPlanner, PlannerConfig
 
 
 def planner(**kw: object) -> BatchPlanner:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelyard.server.batcher import DynamicBatcher
-from modelyard.server.config import DynamicBatching, ModelConfig
 from modelyard.server.errors import DeadlineExceeded, ModelExecutionError, Overloaded
-from modelyard.server.instances import Instance, InstancePool
-from modelyard.server.runtimes.base import Result, Runtime
+from modelyard.server.execution.instances import Instance, InstancePool
+from modelyard.server.execution.runtimes.base import Result, Runtime
+from modelyard.server.model_config import DynamicBatching, ModelConfig
+from modelyard.server.scheduling.batcher import DynamicBatcher
 from modelyard.server.types import InferRequest, InferResponse
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from modelyard.protos.tensors import as_bytes_array
-from modelyard.server.cache import ResponseCache, request_key
-from modelyard.server.config import ModelConfig, TensorSpec
-from modelyard.server.config import ResponseCache as CacheConfig
 from modelyard.server.errors import ModelExecutionError
+from modelyard.server.execution.runtimes.base import Result, Runtime
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model import ModelVersion
-from modelyard.server.runtimes.base import Result, Runtime
+from modelyard.server.model_config import ModelConfig, TensorSpec
+from modelyard.server.model_config import ResponseCache as CacheConfig
+from modelyard.server.scheduling.cache import ResponseCache, request_key
 from modelyard.server.types import InferRequest, InferResponse
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from modelyard.server import devices
-from modelyard.server.config import InstanceGroup
+from modelyard.server.execution import devices
 from modelyard.server.errors import ConfigError
+from modelyard.server.model_config import InstanceGroup
 
 
 def test_cpu_groups_place_every_instance_on_cpu():

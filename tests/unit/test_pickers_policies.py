@@ -9,7 +9,6 @@ from collections import Counter
 
 import pytest
 
-from modelyard.balancer.clock import FakeClock
 from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome, Snapshot
 from modelyard.balancer.load import PeakEwma as PeakEwmaLoad
 from modelyard.balancer.pickers import (
@@ -20,6 +19,7 @@ from modelyard.balancer.pickers import (
     RoundRobin,
     WeightedRoundRobin,
 )
+from modelyard.clock import FakeClock
 
 
 def snap(*eps: Endpoint, version: int = 1) -> Snapshot:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelyard.server.config import ModelConfig, TensorSpec, WarmupSample
+from modelyard.server.execution.runtimes.base import Result, Runtime
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model import LOADING, READY, ModelVersion
-from modelyard.server.runtimes.base import Result, Runtime
+from modelyard.server.model_config import ModelConfig, TensorSpec, WarmupSample
 from modelyard.server.types import InferRequest, InferResponse
 
 gate = threading.Event()

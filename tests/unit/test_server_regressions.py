@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from modelyard.protos import grpc_service_pb2 as pb
-from modelyard.server.batch_planner import BatchPlanner, PlannerConfig
-from modelyard.server.codec import decode_request
-from modelyard.server.config import parse_config
 from modelyard.server.errors import InvalidInput
-from modelyard.server.instances import Instance
+from modelyard.server.execution.instances import Instance
+from modelyard.server.execution.runtimes.base import Runtime
+from modelyard.server.frontends.grpc_codec import decode_request
+from modelyard.server.model_config import parse_config
 from modelyard.server.repository import ModelRepository
-from modelyard.server.runtimes.base import Runtime
+from modelyard.server.scheduling.planner import BatchPlanner, PlannerConfig
 from modelyard.server.types import InferRequest
 from modelyard.server.validation import validate_request
 

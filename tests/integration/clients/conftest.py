@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from modelyard.clients.launcher import Endpoints, ServerProcess
+from modelyard.launcher import Endpoints, ServerProcess
 
 
 @pytest.fixture(scope="module")

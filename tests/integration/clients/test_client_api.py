@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from modelyard.clients import AsyncInferenceClient, InferenceClient, InferenceServerError
-from modelyard.clients.launcher import Endpoints
+from modelyard.launcher import Endpoints
 from modelyard.protos.tensors import as_bytes_array
 
 ROUND_TRIP = [

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelyard.clients.launcher import Endpoints
+from modelyard.launcher import Endpoints
 
 MODELYARD = str(Path(sys.executable).with_name("modelyard"))
 TIMEOUT_S = 60

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelyard.clients.launcher import ServerProcess
+from modelyard.launcher import ServerProcess
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -28,7 +28,7 @@ def _model(repo: Path, name: str, config: dict, build=None) -> None:  # type: ig
 
 def build_repository(repo: Path) -> Path:
     """Every runtime and task once, tiny."""
-    from modelyard.server.runtimes import transformers_tiny as tiny
+    from modelyard.server.execution.runtimes import transformers_tiny as tiny
 
     _model(repo, "tiny_embed", {
         "backend": "transformers", "max_batch_size": 16, "input": TEXT_IN,

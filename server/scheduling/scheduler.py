@@ -10,8 +10,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from modelyard.server.errors import DeadlineExceeded
-from modelyard.server.instances import Instance, InstancePool
-from modelyard.server.runtimes.base import Result
+from modelyard.server.execution.instances import Instance, InstancePool
+from modelyard.server.execution.runtimes.base import Result
 from modelyard.server.types import InferRequest, InferResponse
 
 #: called once per executed batch: (batch size, queue ns of each request, compute ns, instance name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelyard.server.config import ResponseCache as CacheConfig
+from modelyard.server.model_config import ResponseCache as CacheConfig
 from modelyard.server.types import InferRequest, InferResponse
 
 #: request parameters that steer scheduling, not the result

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from modelyard.protos.tensors import as_bytes_array
-from modelyard.server.config import ModelConfig, TensorSpec
 from modelyard.server.errors import ConfigError, InvalidInput, as_modelyard_error
-from modelyard.server.runtimes.base import Result, Runtime
+from modelyard.server.execution.runtimes.base import Result, Runtime
+from modelyard.server.model_config import ModelConfig, TensorSpec
 from modelyard.server.types import InferRequest, InferResponse
 
 TASKS = ("embedding", "sequence-classification", "text-generation", "image-classification")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from modelyard.server.errors import ConfigError
-from modelyard.server.runtimes.base import Result, Runtime
+from modelyard.server.execution.runtimes.base import Result, Runtime
 from modelyard.server.types import InferRequest, InferResponse
 
 _counter = itertools.count()

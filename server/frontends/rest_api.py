@@ -16,9 +16,9 @@ from aiohttp import web
 
 from modelyard import __version__
 from modelyard.protos.tensors import DTYPES, TensorError, as_bytes_array, element_count
-from modelyard.server.codec import conform_output
 from modelyard.server.errors import InvalidInput, ModelyardError, as_modelyard_error
-from modelyard.server.grpc_service import EXTENSIONS
+from modelyard.server.frontends.grpc_api import EXTENSIONS
+from modelyard.server.frontends.grpc_codec import conform_output
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.repository import ModelRepository
 from modelyard.server.types import InferRequest, InferResponse

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from modelyard.server.config import InstanceGroup
 from modelyard.server.errors import ConfigError
+from modelyard.server.model_config import InstanceGroup
 
 
 def cuda_device_count() -> int:

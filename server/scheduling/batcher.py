@@ -15,11 +15,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from modelyard.server.batch_planner import BatchPlanner, Pending, PlannerConfig
-from modelyard.server.config import DynamicBatching, ModelConfig
 from modelyard.server.errors import DeadlineExceeded, ModelExecutionError, ModelNotReady
-from modelyard.server.instances import Instance, InstancePool
-from modelyard.server.scheduler import BatchObserver, Scheduler
+from modelyard.server.execution.instances import Instance, InstancePool
+from modelyard.server.model_config import DynamicBatching, ModelConfig
+from modelyard.server.scheduling.planner import BatchPlanner, Pending, PlannerConfig
+from modelyard.server.scheduling.scheduler import BatchObserver, Scheduler
 from modelyard.server.types import InferRequest, InferResponse
 
 log = logging.getLogger("modelyard.server")

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from modelyard.server.errors import ConfigError, InvalidInput
-from modelyard.server.runtimes.base import Result, Runtime
-from modelyard.server.runtimes.transformers import default_threads, param_int
+from modelyard.server.execution.runtimes.base import Result, Runtime
+from modelyard.server.execution.runtimes.transformers import default_threads, param_int
 from modelyard.server.types import InferRequest, InferResponse
 
 

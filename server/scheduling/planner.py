@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelyard.server.config import DynamicBatching
 from modelyard.server.errors import InvalidInput, Overloaded
+from modelyard.server.model_config import DynamicBatching
 
 
 @dataclass(slots=True)

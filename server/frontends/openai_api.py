@@ -21,7 +21,7 @@ from aiohttp import web
 
 from modelyard.protos.tensors import as_bytes_array
 from modelyard.server.errors import InvalidInput, ModelNotFound
-from modelyard.server.http_app import REPO_KEY, read_json
+from modelyard.server.frontends.rest_api import REPO_KEY, read_json
 from modelyard.server.model import ModelVersion
 from modelyard.server.repository import ModelRepository
 from modelyard.server.types import InferRequest
@@ -161,7 +161,7 @@ async def models(request: web.Request) -> web.Response:
 
 
 def add_openai_routes(app: web.Application) -> None:
-    """Mount the adapters on an app from :func:`modelyard.server.http_app.build_app`."""
+    """Mount the adapters on an app from :func:`modelyard.server.frontends.rest_api.build_app`."""
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)

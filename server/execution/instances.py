@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from modelyard.server.errors import as_modelyard_error
-from modelyard.server.runtimes.base import Result, Runtime
+from modelyard.server.execution.runtimes.base import Result, Runtime
 from modelyard.server.types import InferRequest, InferResponse
 
 _END = object()

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from modelyard.server.config import ModelConfig
 from modelyard.server.errors import ConfigError
+from modelyard.server.model_config import ModelConfig
 from modelyard.server.types import InferRequest, InferResponse
 
 #: what execute() returns per request: a response, or the exception that request failed with
@@ -58,9 +58,9 @@ class Runtime:
 
 #: backend name -> "module:Class" (imported lazily so torch is only imported when used)
 BACKENDS: dict[str, str] = {
-    "python": "modelyard.server.runtimes.python:PythonRuntime",
-    "transformers": "modelyard.server.runtimes.transformers:TransformersRuntime",
-    "torchscript": "modelyard.server.runtimes.torchscript:TorchScriptRuntime",
+    "python": "modelyard.server.execution.runtimes.python:PythonRuntime",
+    "transformers": "modelyard.server.execution.runtimes.transformers:TransformersRuntime",
+    "torchscript": "modelyard.server.execution.runtimes.torchscript:TorchScriptRuntime",
 }
 
 

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from modelyard.server import errors
-from modelyard.server.config import ModelConfig
 from modelyard.server.errors import ConfigError, ModelExecutionError, ModelyardError, as_modelyard_error
-from modelyard.server.runtimes.base import Result, Runtime, runtime_class
+from modelyard.server.execution.runtimes.base import Result, Runtime, runtime_class
+from modelyard.server.model_config import ModelConfig
 from modelyard.server.types import InferRequest, InferResponse
 
 log = logging.getLogger("modelyard.server")

@@ -9,8 +9,8 @@ import numpy as np
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos.params import parameter_value, set_parameter
 from modelyard.protos.tensors import DTYPES, TensorError, datatype_of, from_contents, from_raw, to_raw
-from modelyard.server.config import ANY, ModelConfig
 from modelyard.server.errors import InvalidInput
+from modelyard.server.model_config import ANY, ModelConfig
 from modelyard.server.types import InferRequest, InferResponse
 
 #: request parameters with a meaning to the scheduler (Triton's names)

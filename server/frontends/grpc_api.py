@@ -17,10 +17,10 @@ from google.protobuf.message import DecodeError
 from modelyard import __version__
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
-from modelyard.server.codec import decode_request, encode_response
-from modelyard.server.config import to_proto
 from modelyard.server.errors import ModelyardError, Unsupported, as_modelyard_error
+from modelyard.server.frontends.grpc_codec import decode_request, encode_response
 from modelyard.server.model import ModelVersion
+from modelyard.server.model_config import to_proto
 from modelyard.server.repository import ModelRepository
 
 log = logging.getLogger("modelyard.server")
