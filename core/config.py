@@ -7,7 +7,10 @@ balancer's and the autoscaler's files -- is a tree of dataclasses loaded by :fun
   and only override, see :func:`override`);
 - **types** come from the annotations: ``int``, ``float``, ``bool``, ``str``, ``Any``,
   ``X | None``, ``list[X]``, ``dict[str, X]``, ``Literal[...]`` and nested config dataclasses;
-- **shorthands and aliases** a class accepts are turned into its plain mapping by an optional
+- **names**: a field is read from the key of its own name, or from ``field(metadata={"key": ...})``
+  where the file's word differs from the attribute (Triton's ``input`` for ``inputs``), plus any
+  ``"aliases"``; error paths use the file's word;
+- **shorthands** a class accepts are turned into its plain mapping by an optional
   ``@classmethod normalize(cls, raw) -> raw`` (e.g. a bare ``"host:port"`` string for an endpoint);
 - **checks** that span fields live on the class, in an optional ``validate(self, check)``:
   ``check(ok, "field", "must be >= 1")`` records ``<path>.field: must be >= 1`` when ``ok`` is false.
@@ -46,13 +49,21 @@ class ConfigError(ValueError):
 
 
 class Check:
-    """What ``validate(self, check)`` receives: records a problem under the object's path."""
+    """What ``validate(self, check)`` receives: records a problem under the object's path.
 
-    __slots__ = ("errors", "prefix")
+    ``field`` is an attribute name (or a path starting with one, such as ``inputs[1].name``);
+    it is written with the file's word for it.
+    """
 
-    def __init__(self, prefix: str, errors: list[str]) -> None:
+    __slots__ = ("errors", "keys", "prefix", "reported")
+
+    def __init__(self, prefix: str, errors: list[str], keys: Mapping[str, str] | None = None,
+                 reported: set[str] | None = None) -> None:
         self.prefix = prefix
         self.errors = errors
+        self.keys = keys or {}
+        #: paths that already have an error (a value that did not load): not restated
+        self.reported = reported or set()
 
     def __call__(self, ok: bool, field: str, message: str) -> bool:
         """Record ``<path>.<field>: message`` unless ``ok``; returns ``ok``."""
@@ -61,12 +72,13 @@ class Check:
         return ok
 
     def fail(self, field: str, message: str) -> None:
+        if field:
+            head = field.split(".", 1)[0].split("[", 1)[0]
+            if head in self.keys:
+                field = self.keys[head] + field[len(head):]
         path = join(self.prefix, field) if field else (self.prefix or "<root>")
-        self.errors.append(f"{path}: {message}")
-
-    def at(self, field: str) -> Check:
-        """A check for a nested object at ``field``."""
-        return Check(join(self.prefix, field), self.errors)
+        if path not in self.reported:
+            self.errors.append(f"{path}: {message}")
 
 
 def join(prefix: str, field: str) -> str:
@@ -127,6 +139,11 @@ def override(data: Mapping[str, Any] | None, values: Mapping[str, Any]) -> dict[
     return out
 
 
+def key_of(f: dataclasses.Field[Any]) -> str:
+    """The word a config file uses for field ``f``."""
+    return str(f.metadata.get("key", f.name))
+
+
 def default(cls: type[Any], name: str) -> Any:
     """The default of field ``name`` of config class ``cls`` (for help texts: stated once, here)."""
     for f in dataclasses.fields(cls):
@@ -174,15 +191,31 @@ def _build(cls: Any, data: Any, path: str, errors: list[str]) -> Any:
     if not isinstance(data, Mapping):
         errors.append(f"{path or '<root>'}: expected a mapping, got {data!r}")
         return cls()
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    names = {f.name for f in fields}
-    for key in data:
-        if key not in names:
-            errors.append(f"{join(path, str(key))}: unknown field (known: {', '.join(sorted(names))})")
     hints = _hints(cls)
-    kwargs = {f.name: _convert(hints[f.name], data[f.name], join(path, f.name), errors)
-              for f in fields if f.name in data}
+    kwargs = {}
+    known: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = key_of(f)
+        words = [key, *f.metadata.get("aliases", ())]
+        known.update(words)
+        given = [w for w in words if w in data]
+        if len(given) > 1:
+            errors.append(f"{join(path, key)}: given twice (as {' and '.join(given)})")
+        if given:
+            value = data[given[0]]
+            if value is None and not _optional(hints[f.name]):
+                continue  # ``key:`` with nothing after it (YAML null): the default
+            kwargs[f.name] = _convert(hints[f.name], value, join(path, key), errors)
+    for word in data:
+        if word not in known:
+            errors.append(f"{join(path, str(word))}: unknown field (known: {', '.join(sorted(known))})")
     return cls(**kwargs)
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
@@ -246,17 +279,18 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
 
 
 def _validate_tree(obj: Any, path: str, errors: list[str], bad: set[str] | None = None) -> None:
-    """Children first, then the object's own ``validate`` -- skipped when one of its own fields
-    already failed to load (its checks would only restate that error about a placeholder value)."""
+    """Children first, then the object's own ``validate``; a field whose value did not load is not
+    checked again (that would only restate its error about a placeholder value)."""
     if bad is None:
         bad = {e.split(": ", 1)[0] for e in errors}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        paths = [join(path, f.name) for f in dataclasses.fields(obj)]
-        for f, sub in zip(dataclasses.fields(obj), paths, strict=True):
+        fields = dataclasses.fields(obj)
+        paths = [join(path, key_of(f)) for f in fields]
+        for f, sub in zip(fields, paths, strict=True):
             _validate_tree(getattr(obj, f.name), sub, errors, bad)
         validate = getattr(obj, "validate", None)
-        if validate is not None and not any(p in bad for p in paths):
-            validate(Check(path, errors))
+        if validate is not None:
+            validate(Check(path, errors, {f.name: key_of(f) for f in fields if "key" in f.metadata}, bad))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             _validate_tree(v, f"{path}[{i}]", errors, bad)

@@ -1,13 +1,20 @@
 """One exception hierarchy, each class carrying its gRPC status (``code``) and HTTP status (``http``).
 
-The gRPC handlers (``grpc_service._unary``) and the REST middleware (``http_app.errors_middleware``)
-are the two places that turn them into responses; anything that is not a ModelyardError becomes
-INTERNAL with the exception's type and message (:func:`as_modelyard_error`), never a traceback.
+The gRPC handlers (``frontends.grpc_api._unary``) and the REST middleware (``frontends.rest_api``)
+turn them into responses through :func:`as_modelyard_error`, the one mapping: an invalid config
+(:class:`modelyard.config.ConfigError`, the one config error of every component) is
+INVALID_ARGUMENT; anything else that is not a ModelyardError becomes INTERNAL with the exception's
+type and message, never a traceback.
 """
 
 from __future__ import annotations
 
 import grpc
+
+from modelyard.config import ConfigError
+
+__all__ = ["Cancelled", "ConfigError", "DeadlineExceeded", "InvalidConfig", "InvalidInput", "ModelExecutionError",
+           "ModelNotFound", "ModelNotReady", "ModelyardError", "Overloaded", "Unsupported", "as_modelyard_error"]
 
 
 class ModelyardError(Exception):
@@ -77,20 +84,18 @@ class Unsupported(ModelyardError):
     http = 501
 
 
-class ConfigError(ModelyardError):
-    """A model configuration that does not validate; lists every problem with its field path."""
+class InvalidConfig(ModelyardError):
+    """What a :class:`modelyard.config.ConfigError` becomes at the API: INVALID_ARGUMENT with every problem."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
     http = 400
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
 
 
 def as_modelyard_error(exc: BaseException) -> ModelyardError:
     """Wrap anything that is not already a ModelyardError as INTERNAL, keeping its message."""
     if isinstance(exc, ModelyardError):
         return exc
+    if isinstance(exc, ConfigError):
+        return InvalidConfig(exc.message)
     text = str(exc) or type(exc).__name__
     return ModelExecutionError(f"{type(exc).__name__}: {text}")

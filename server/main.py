@@ -12,8 +12,8 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -22,10 +22,11 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from modelyard.config import ConfigError, default, load, override, read_yaml
 from modelyard.launcher import print_ready
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos._pool import POOL
-from modelyard.server.demo_models import DEMO_REPOSITORY
+from modelyard.server.config import ServerConfig
 from modelyard.server.frontends.grpc_api import InferenceServicer, add_inference_service
 from modelyard.server.frontends.openai_api import add_openai_routes
 from modelyard.server.frontends.rest_api import build_app
@@ -34,27 +35,8 @@ from modelyard.server.repository import ModelRepository
 
 log = logging.getLogger("modelyard.server")
 
+SOURCE = "server config"
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-MiB = 1024 * 1024
-
-
-@dataclass(slots=True)
-class ServerSettings:
-    """Everything ``modelyard serve`` can be told; defaults are the documented ones."""
-
-    model_repository: Path = DEMO_REPOSITORY
-    host: str = "127.0.0.1"
-    grpc_port: int = 8001
-    http_port: int = 8000
-    #: models to load at start (None = every model in the repository)
-    models: list[str] | None = None
-    max_message_bytes: int = 64 * MiB
-    grace_seconds: float = 30.0
-    #: on shutdown, seconds to keep serving after health turns NOT_SERVING, so that load
-    #: balancers notice before connections close (Kubernetes preStop style)
-    drain_delay: float = 0.0
-    exit_on_error: bool = True
-    grpc_options: list[tuple[str, Any]] = field(default_factory=list)
 
 
 class _Pools:
@@ -91,10 +73,11 @@ class _Pools:
 class ModelServer:
     """The gRPC + HTTP model server around one repository."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerConfig, grpc_options: Sequence[tuple[str, Any]] = ()) -> None:
         self.settings = settings
+        self.grpc_options = list(grpc_options)
         self.metrics = ServerMetrics()
-        self.repository = ModelRepository(settings.model_repository, self.metrics, unload_grace=settings.grace_seconds)
+        self.repository = ModelRepository(settings.repository_path, self.metrics, unload_grace=settings.grace)
         self.health = health.aio.HealthServicer()
         self.started = False
         self.shutting_down = False
@@ -134,7 +117,7 @@ class ModelServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
-            *s.grpc_options,
+            *self.grpc_options,
         ]
         server = grpc.aio.server(options=options)
         add_inference_service(InferenceServicer(self.repository, self.is_ready), server)
@@ -158,7 +141,7 @@ class ModelServer:
         self.started = True
         self._sync_health()
         log.info("modelyard serving %d model(s) from %s: gRPC %s:%d, HTTP %s:%d",
-                 len(self.repository.models), s.model_repository, s.host, self.grpc_port, s.host, self.http_port)
+                 len(self.repository.models), s.repository_path, s.host, self.grpc_port, s.host, self.http_port)
 
     def request_stop(self) -> None:
         """Signal-safe: only sets a flag."""
@@ -171,7 +154,7 @@ class ModelServer:
         if self.settings.drain_delay > 0:
             log.info("health NOT_SERVING; still accepting for %.1fs (drain delay)", self.settings.drain_delay)
             await asyncio.sleep(self.settings.drain_delay)
-        grace = self.settings.grace_seconds
+        grace = self.settings.grace
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._http is not None:
@@ -190,14 +173,14 @@ class ModelServer:
         await self.shutdown()
 
 
-def run_server(settings: ServerSettings, loop: str = "auto") -> int:
+def run_server(settings: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     uvloop: Any = None
-    if loop != "asyncio":
+    if settings.loop != "asyncio":
         try:
             import uvloop
         except ImportError:
-            if loop == "uvloop":
+            if settings.loop == "uvloop":
                 raise
     server = ModelServer(settings)
     try:
@@ -213,41 +196,60 @@ def run_server(settings: ServerSettings, loop: str = "auto") -> int:
     return 0
 
 
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    """``--config`` file (if any) with the flags that were given on top; validated."""
+    data: Any = read_yaml(args.config, SOURCE) if args.config else {}
+    if not isinstance(data, dict):
+        raise ConfigError(["<root>: expected a mapping"], SOURCE)
+    data = override(data, {
+        "model_repository": args.model_repository,
+        "host": args.host,
+        "grpc_port": args.grpc_port,
+        "http_port": args.http_port,
+        "models": args.model,
+        "max_message_mb": args.max_message_mb,
+        "grace": args.grace,
+        "drain_delay": args.drain_delay,
+        "exit_on_error": False if args.no_exit_on_error else None,
+        "loop": args.loop,
+    })
+    return load(ServerConfig, data, source=SOURCE)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(
-        model_repository=Path(args.model_repository) if args.model_repository else DEMO_REPOSITORY,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        models=args.model or None,
-        max_message_bytes=args.max_message_mb * MiB,
-        grace_seconds=args.grace,
-        drain_delay=args.drain_delay,
-        exit_on_error=not args.no_exit_on_error,
-    )
-    return run_server(settings, args.loop)
+    try:
+        settings = build_config(args)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 2
+    return run_server(settings)
 
 
 def register(sub: Any) -> None:
     """Add the ``serve`` subcommand."""
+    d = partial(default, ServerConfig)
     p = sub.add_parser("serve", help="run the model server (gRPC + HTTP)",
                        description="Serve models over the KServe v2 / Triton gRPC protocol and REST.")
+    p.add_argument("--config", metavar="FILE", help="YAML file of these settings (model_repository, grpc_port, ...); "
+                   "flags given on the command line override it")
     p.add_argument("--model-repository", "-r", metavar="DIR",
                    help="model repository directory (<model>/config.yaml, <model>/<version>/); default: built-in demo models")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind gRPC and HTTP to (default 127.0.0.1)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; 0 = any free port)")
+    p.add_argument("--host", help=f"address to bind gRPC and HTTP to (default {d('host')})")
+    p.add_argument("--grpc-port", type=int, help=f"gRPC port (default {d('grpc_port')}; 0 = any free port)")
+    p.add_argument("--http-port", type=int, help=f"HTTP/REST port (default {d('http_port')}; 0 = any free port)")
     p.add_argument("--model", action="append", metavar="NAME",
                    help="load only this model at start (repeatable; default: every model in the repository)")
-    p.add_argument("--max-message-mb", type=int, default=64, help="max gRPC/HTTP message size in MiB, both ways (default 64)")
-    p.add_argument("--grace", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on SIGTERM or unload (default 30)")
-    p.add_argument("--drain-delay", type=float, default=0.0,
-                   help="on SIGTERM, seconds to keep accepting requests after health turns NOT_SERVING (default 0)")
+    p.add_argument("--max-message-mb", type=int,
+                   help=f"max gRPC/HTTP message size in MiB, both ways (default {d('max_message_mb')})")
+    p.add_argument("--grace", type=float,
+                   help=f"seconds in-flight requests get to finish on SIGTERM or unload (default {d('grace')})")
+    p.add_argument("--drain-delay", type=float,
+                   help="on SIGTERM, seconds to keep accepting requests after health turns NOT_SERVING "
+                        f"(default {d('drain_delay')})")
     p.add_argument("--no-exit-on-error", action="store_true",
                    help="keep serving the other models when one fails to load at start")
-    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
-                   help="event loop implementation (default auto: uvloop when installed)")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"],
+                   help=f"event loop implementation (default {d('loop')}: uvloop when installed)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     p.set_defaults(func=_cmd_serve)

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
-from modelyard.server.errors import Cancelled, ModelNotReady, ModelyardError, Overloaded, as_modelyard_error
+from modelyard.server.errors import Cancelled, ModelNotReady, Overloaded, as_modelyard_error
 from modelyard.server.execution.devices import resolve_devices
 from modelyard.server.execution.instances import Instance, InstancePool
 from modelyard.server.execution.runtimes.base import Runtime, runtime_class
@@ -243,7 +243,7 @@ class ModelVersion:
             self._leave()
 
     def _shape_response(self, request: InferRequest, response: InferResponse) -> InferResponse:
-        if isinstance(response, ModelyardError):
+        if isinstance(response, BaseException):
             raise response
         # A new object: the response may be shared (response cache), so never mutate it.
         outputs = response.outputs

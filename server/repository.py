@@ -120,7 +120,7 @@ class ModelRepository:
                 on_disk = [int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0]
                 versions = select_versions(on_disk, cfg.version_policy)
                 if not versions:
-                    raise ConfigError(str(path), ["no version directory matches version_policy (expected <model>/<N>/)"])
+                    raise ConfigError(["no version directory matches version_policy (expected <model>/<N>/)"], str(path))
                 fresh: dict[str, ModelVersion] = {}
                 try:
                     for v in versions:

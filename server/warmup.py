@@ -17,7 +17,7 @@ def _array(name: str, spec: dict[str, Any], batch: int, cfg: ModelConfig, versio
     raw_type = str(spec.get("data_type", spec.get("datatype", "FP32"))).upper()
     datatype = CONFIG_TYPES.get(raw_type, raw_type)
     if datatype not in DTYPES:
-        raise ConfigError(cfg.name, [f"model_warmup.inputs.{name}.data_type: unknown {raw_type!r}"])
+        raise ConfigError([f"model_warmup.inputs.{name}.data_type: unknown {raw_type!r}"], cfg.name)
     dims = [int(d) for d in spec.get("dims", [])]
     shape = ([batch] if cfg.max_batch_size > 0 else []) + dims
     count = int(np.prod(shape)) if shape else 1
@@ -30,7 +30,7 @@ def _array(name: str, spec: dict[str, Any], batch: int, cfg: ModelConfig, versio
         model_dir = version_dir.parent.resolve()
         path = (model_dir / str(spec["input_data_file"])).resolve()
         if not path.is_relative_to(model_dir):
-            raise ConfigError(cfg.name, [f"model_warmup.inputs.{name}.input_data_file: {path} is outside the model directory"])
+            raise ConfigError([f"model_warmup.inputs.{name}.input_data_file: {path} is outside the model directory"], cfg.name)
         data = path.read_bytes()
         if datatype == "BYTES":
             return as_bytes_array([data] * count, shape)

@@ -37,13 +37,13 @@ def resolve_devices(model: str, groups: list[InstanceGroup]) -> list[str]:
                 devices.extend(["cpu"] * group.count)
                 continue
             raise ConfigError(
-                f"model {model!r}",
                 [f"instance_group[{i}].kind: GPU requested but no CUDA device is available "
                  "(torch with CUDA is needed; use kind: AUTO to fall back to CPU)"],
+                f"model {model!r}",
             )
         gpus = group.gpus or list(range(n_cuda))
         missing = [g for g in gpus if g >= n_cuda]
         if missing:
-            raise ConfigError(f"model {model!r}", [f"instance_group[{i}].gpus: {missing} not present ({n_cuda} visible)"])
+            raise ConfigError([f"instance_group[{i}].gpus: {missing} not present ({n_cuda} visible)"], f"model {model!r}")
         devices.extend(f"cuda:{gpus[k % len(gpus)]}" for k in range(group.count))
     return devices

@@ -112,14 +112,16 @@ def _pack_results(results: list[Any]) -> tuple[str | None, list[Any], list[dict[
 
 def _encode_error(exc: BaseException) -> tuple[str, str, list[str]]:
     """Errors cross the pipe as (class name, message, problems): not every exception pickles."""
+    if isinstance(exc, ConfigError):
+        return ("ConfigError", exc.message, exc.errors)
     err = as_modelyard_error(exc)
-    return (type(err).__name__, err.message, list(getattr(err, "problems", [])))
+    return (type(err).__name__, err.message, [])
 
 
-def _decode_error(encoded: tuple[str, str, list[str]], source: str) -> ModelyardError:
+def _decode_error(encoded: tuple[str, str, list[str]], source: str) -> ModelyardError | ConfigError:
     cls_name, message, problems = encoded
     if cls_name == "ConfigError":
-        return ConfigError(source, problems or [message])
+        return ConfigError(problems or [message], source)
     cls = getattr(errors, cls_name, None)
     if isinstance(cls, type) and issubclass(cls, ModelyardError):
         return cls(message)
@@ -247,7 +249,7 @@ class ProcessRuntime(Runtime):
                 shell.outputs = outs
                 out.append(shell)
             else:
-                out.append(_decode_error(shell, f"model {self.config.name!r}"))
+                out.append(as_modelyard_error(_decode_error(shell, f"model {self.config.name!r}")))
         return out
 
     def execute(self, requests: list[InferRequest]) -> list[Result]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from modelyard.server.execution import devices
 from modelyard.server.errors import ConfigError
+from modelyard.server.execution import devices
 from modelyard.server.model_config import InstanceGroup
 
 

@@ -72,13 +72,12 @@ def register_backend(name: str, target: str) -> None:
 def runtime_class(backend: str, source: str = "config.yaml") -> type[Runtime]:
     target = BACKENDS.get(backend)
     if target is None:
-        raise ConfigError(source, [f"backend: unknown backend {backend!r}; one of {', '.join(sorted(BACKENDS))}"])
+        raise ConfigError([f"backend: unknown backend {backend!r}; one of {', '.join(sorted(BACKENDS))}"], source)
     module, _, cls = target.partition(":")
     try:
         mod: Any = importlib.import_module(module)
     except ImportError as exc:
         raise ConfigError(
-            source, [f"backend: {backend!r} needs an optional dependency that is not installed ({exc.name}); "
-                     "install modelyard[torch]"]
-        ) from None
+            [f"backend: {backend!r} needs an optional dependency that is not installed ({exc.name}); "
+                     "install modelyard[torch]"], source) from None
     return getattr(mod, cls)

@@ -28,7 +28,7 @@ class PythonRuntime(Runtime):
         filename = self.config.default_model_filename or "model.py"
         path = self.version_dir / filename
         if not path.is_file():
-            raise ConfigError(str(self.version_dir), [f"{filename}: missing (the python backend loads class Model from it)"])
+            raise ConfigError([f"{filename}: missing (the python backend loads class Model from it)"], str(self.version_dir))
         # A unique module name per load: two versions of one model must not share module state.
         mod_name = f"_modelyard_user_{self.config.name}_{self.version_dir.name}_{next(_counter)}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -43,7 +43,7 @@ class PythonRuntime(Runtime):
             raise
         cls = getattr(module, "Model", None)
         if cls is None:
-            raise ConfigError(str(path), ["Model: the file defines no class Model"])
+            raise ConfigError(["Model: the file defines no class Model"], str(path))
         self.user: Any = cls()
         if hasattr(self.user, "load"):
             self.user.load(self)

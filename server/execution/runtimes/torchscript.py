@@ -28,13 +28,13 @@ class TorchScriptRuntime(Runtime):
         cfg = self.config
         source = f"model {cfg.name!r}"
         if not cfg.inputs or not cfg.outputs:
-            raise ConfigError(source, ["input/output: the torchscript backend needs both declared (names map positionally)"])
+            raise ConfigError(["input/output: the torchscript backend needs both declared (names map positionally)"], source)
         if any(s.datatype == "BYTES" for s in cfg.inputs):
-            raise ConfigError(source, ["input: the torchscript backend takes numeric tensors only"])
+            raise ConfigError(["input: the torchscript backend takes numeric tensors only"], source)
         torch.set_num_threads(param_int(cfg.parameters, "torch_threads", default_threads(cfg), source))
         path = self.version_dir / (cfg.default_model_filename or "model.pt")
         if not path.is_file():
-            raise ConfigError(source, [f"{path.name}: missing in {self.version_dir}"])
+            raise ConfigError([f"{path.name}: missing in {self.version_dir}"], source)
         self.module = torch.jit.load(str(path), map_location=self.device).eval()
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:

@@ -57,7 +57,7 @@ def param_int(params: dict[str, Any], key: str, default: int, source: str) -> in
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ConfigError(source, [f"parameters.{key}: must be an integer, got {value!r}"]) from None
+        raise ConfigError([f"parameters.{key}: must be an integer, got {value!r}"], source) from None
 
 
 def resolve_model_path(cfg: ModelConfig, version_dir: Path) -> Path:
@@ -73,14 +73,14 @@ def resolve_model_path(cfg: ModelConfig, version_dir: Path) -> Path:
         try:
             mod = importlib.import_module(pkg)
         except ImportError:
-            raise ConfigError(source, [f"parameters.pretrained_package: package {pkg!r} is not installed "
-                                       f"(pip install {pkg.replace('_', '-')})"]) from None
+            raise ConfigError([f"parameters.pretrained_package: package {pkg!r} is not installed "
+                                       f"(pip install {pkg.replace('_', '-')})"], source) from None
         getter = getattr(mod, "get_model_path", None)
         path = Path(getter()) if callable(getter) else Path(str(mod.__file__)).parent / "model"
     else:
         path = version_dir
     if not (path / "config.json").is_file():
-        raise ConfigError(source, [f"parameters.model_path: no config.json in {path} (save_pretrained output expected)"])
+        raise ConfigError([f"parameters.model_path: no config.json in {path} (save_pretrained output expected)"], source)
     return path
 
 
@@ -133,7 +133,7 @@ class TransformersRuntime(Runtime):
         source = f"model {cfg.name!r}"
         task = str(params.get("task", ""))
         if task not in TASKS:
-            raise ConfigError(source, [f"parameters.task: must be one of {', '.join(TASKS)}, got {task!r}"])
+            raise ConfigError([f"parameters.task: must be one of {', '.join(TASKS)}, got {task!r}"], source)
         self.task = task
         self.torch = torch
         # Per instance: load() and execute() run on this instance's own thread, and the

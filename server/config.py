@@ -1,0 +1,63 @@
+"""``modelyard serve``'s own settings: one config class that owns its defaults and validates itself.
+
+Given as flags or as a YAML file (``modelyard serve --config server.yaml``); a flag that is
+given overrides the file, a flag that is not leaves the file's value or the default below.
+Each model's ``config.yaml`` is :mod:`modelyard.server.model_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelyard.config import Check
+from modelyard.server.demo_models import DEMO_REPOSITORY
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``modelyard serve`` can be told."""
+
+    #: model repository directory (``<model>/config.yaml``, ``<model>/<version>/``); empty = built-in demo models
+    model_repository: str = ""
+    #: address gRPC and HTTP bind to
+    host: str = "127.0.0.1"
+    #: gRPC port (0 = any free port)
+    grpc_port: int = 8001
+    #: HTTP/REST port (0 = any free port)
+    http_port: int = 8000
+    #: models to load at start (None = every model in the repository)
+    models: list[str] | None = None
+    #: max gRPC/HTTP message size in MiB, both ways
+    max_message_mb: int = 64
+    #: seconds in-flight requests get to finish on SIGTERM or unload
+    grace: float = 30.0
+    #: on SIGTERM, seconds to keep serving after health turns NOT_SERVING, so that load
+    #: balancers notice before connections close (Kubernetes preStop style)
+    drain_delay: float = 0.0
+    #: exit when a model fails to load at start (false: keep serving the others)
+    exit_on_error: bool = True
+    #: event loop implementation: auto (uvloop when installed), asyncio or uvloop
+    loop: str = "auto"
+
+    @property
+    def repository_path(self) -> Path:
+        return Path(self.model_repository) if self.model_repository else DEMO_REPOSITORY
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * MiB
+
+    def validate(self, check: Check) -> None:
+        for key in ("grpc_port", "http_port"):
+            port = getattr(self, key)
+            check(0 <= port < 65536, key, f"must be a port number (0 = any free port), got {port}")
+        check(self.max_message_mb >= 1, "max_message_mb", "must be >= 1")
+        check(self.grace >= 0, "grace", "must be >= 0")
+        check(self.drain_delay >= 0, "drain_delay", "must be >= 0")
+        check(self.loop in ("auto", "asyncio", "uvloop"), "loop", f"must be auto, asyncio or uvloop, got {self.loop!r}")
+        if self.model_repository:
+            check(Path(self.model_repository).is_dir(), "model_repository",
+                  f"{self.model_repository} is not a directory")
