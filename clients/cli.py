@@ -32,13 +32,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         if module in done or (only is not None and name != only):
             continue
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith(module):
-                continue  # component not built yet
-            raise
-        mod.register(sub)
+        importlib.import_module(module).register(sub)
         done.add(module)
     return parser
 

@@ -1,21 +1,27 @@
-"""A loaded model version: its instances, scheduler, statistics and state."""
+"""A loaded model version: its lifecycle (LOADING -> READY -> UNLOADING -> UNAVAILABLE), admission
+and accounting of its requests, and the shape of its responses.
+
+Instances are built by :func:`modelyard.server.execution.instances.build_instances`, batches are
+formed by the scheduler, and the response cache is a wrapper around the scheduler's ``infer``
+(:class:`modelyard.server.scheduling.cache.CachedInfer`); this class only puts them together.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import TracebackType
 
 from modelyard.server.errors import Cancelled, ModelNotReady, Overloaded, as_modelyard_error
-from modelyard.server.execution.devices import resolve_devices
-from modelyard.server.execution.instances import Instance, InstancePool
-from modelyard.server.execution.runtimes.base import Runtime, runtime_class
+from modelyard.server.execution.instances import InstancePool, build_instances, devices_of
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model_config import ModelConfig
-from modelyard.server.scheduling.cache import ResponseCache, request_key
-from modelyard.server.scheduling.scheduler import DirectScheduler, Scheduler
+from modelyard.server.scheduling.batcher import DynamicBatcher
+from modelyard.server.scheduling.cache import CachedInfer, ResponseCache
+from modelyard.server.scheduling.scheduler import BatchObserver, DirectScheduler, Scheduler
 from modelyard.server.stats import ModelStats
 from modelyard.server.types import InferRequest, InferResponse
 from modelyard.server.validation import validate_request
@@ -23,22 +29,60 @@ from modelyard.server.warmup import warmup_requests
 
 log = logging.getLogger("modelyard.server")
 
-#: inputs (or outputs) larger than this are hashed / copied for the response cache in a worker thread
-_INLINE_HASH_BYTES = 64 * 1024
-
 # Triton's state names, as RepositoryIndex reports them.
 LOADING, READY, UNLOADING, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "UNAVAILABLE"
 
 
-def build_scheduler(cfg: ModelConfig, pool: InstancePool, observer) -> Scheduler:  # type: ignore[no-untyped-def]
+def build_scheduler(cfg: ModelConfig, pool: InstancePool, observer: BatchObserver) -> Scheduler:
     """The scheduler a config asks for (dynamic batching when configured)."""
     if cfg.dynamic_batching is not None:
-        try:
-            from modelyard.server.scheduling.batcher import DynamicBatcher
-        except ImportError:  # pragma: no cover - batcher not built
-            return DirectScheduler(pool, observer)
         return DynamicBatcher(cfg, pool, observer)
     return DirectScheduler(pool, observer)
+
+
+class Accounted:
+    """One request's stay in a model version: admission on enter; on exit, the outcome counted
+    (status metric, latency, Triton statistics) and the in-flight slot given back.
+
+    The one accounting path of ``infer`` and ``stream``; a cancelled call (CancelledError, or a
+    stream closed by its consumer) counts as CANCELLED.
+    """
+
+    __slots__ = ("mv", "t0")
+
+    def __init__(self, mv: ModelVersion) -> None:
+        self.mv = mv
+        self.t0 = 0
+
+    def __enter__(self) -> Accounted:
+        mv = self.mv
+        if mv.state != READY:
+            raise ModelNotReady(f"model '{mv.name}' version {mv.version} is {mv.state}")
+        limit = mv.config.max_concurrency
+        if limit and mv.inflight >= limit:
+            raise Overloaded(f"model '{mv.name}' has {mv.inflight} requests in flight (max_concurrency {limit})")
+        mv.inflight += 1
+        mv._idle.clear()
+        mv._m_inflight.inc()
+        self.t0 = time.perf_counter_ns()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        mv = self.mv
+        total = time.perf_counter_ns() - self.t0
+        if error is None:
+            mv._m_ok.inc()
+        else:
+            if isinstance(error, asyncio.CancelledError | GeneratorExit):
+                error = Cancelled("the client cancelled the request")
+            mv.metrics.requests.labels(*mv._labels, as_modelyard_error(error).code.name).inc()
+        mv._m_latency.observe(total / 1e9)
+        mv.stats.request_done(error is None, total)
+        mv.inflight -= 1
+        mv._m_inflight.dec()
+        if mv.inflight == 0:
+            mv._idle.set()
 
 
 class ModelVersion:
@@ -58,6 +102,8 @@ class ModelVersion:
         self._idle.set()
         self.pool: InstancePool | None = None
         self.scheduler: Scheduler | None = None
+        #: the scheduler's infer, through the response cache when the model enables it (set on load)
+        self._compute: Callable[[InferRequest], Awaitable[InferResponse]] | None = None
         self._labels = (self.name, self.version)
         # Metric children resolved once: labels() costs a lock and a dict lookup per call.
         m, lb = metrics, self._labels
@@ -67,55 +113,39 @@ class ModelVersion:
         self._m_batch = m.batch_size.labels(*lb)
         self._m_compute = m.compute_latency.labels(*lb)
         self._m_queue = m.queue_latency.labels(*lb)
-        # decoupled models answer with a stream: nothing single to cache
-        self.cache = ResponseCache(config.response_cache) if config.response_cache.enable and not config.decoupled else None
 
     # ----------------------------------------------------------------- lifecycle
     async def load(self) -> None:
-        """Create every instance (in worker threads), then warm up; READY only when all succeeded."""
+        """Create every instance, then warm up; READY only when all succeeded."""
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        # Importing a backend (and probing CUDA, which imports torch) takes seconds: not on the loop.
-        cls = await loop.run_in_executor(None, runtime_class, self.config.backend, f"{self.path.parent}/config.yaml")
-        devices = await loop.run_in_executor(None, resolve_devices, self.name, self.config.instance_group)
-        instances: list[Instance] = []
+        m = self.metrics
         try:
-            for i, device in enumerate(devices):
-                if self.config.execution == "process":
-                    from modelyard.server.execution.process_worker import ProcessRuntime
-
-                    runtime: Runtime = ProcessRuntime(self.config, self.path, device)
-                else:
-                    runtime = cls(self.config, self.path, device)
-                inst_name = f"{self.name}_v{self.version}_{i}"
-                busy = self.metrics.instance_busy.labels(self.name, self.version, str(i))
-                inst = Instance(inst_name, runtime, busy.inc)
-                instances.append(inst)  # before load: a half-loaded instance is closed too
-                await inst.call(runtime.load)
-            self.pool = InstancePool(instances)
-            self.scheduler = build_scheduler(self.config, self.pool, self._observe_batch)
-            scheduler = self.scheduler
-            self.metrics.queue_depth.labels(*self._labels).set_function(lambda: scheduler.queue_depth())
+            self.pool = await build_instances(self.config, self.version, self.path,
+                                              lambda i: m.instance_busy.labels(self.name, self.version, str(i)).inc)
+            scheduler = self.scheduler = build_scheduler(self.config, self.pool, self._observe_batch)
+            self._compute = scheduler.infer
+            cfg = self.config
+            # decoupled models answer with a stream: nothing single to cache
+            if cfg.response_cache.enable and not cfg.decoupled:
+                self._compute = CachedInfer(ResponseCache(cfg.response_cache), scheduler.infer, self.name,
+                                            self.version, self._observe_cache).infer
+            m.queue_depth.labels(*self._labels).set_function(lambda: scheduler.queue_depth())
             load_s = time.perf_counter() - t0
-            self.metrics.load_seconds.labels(*self._labels).set(load_s)
+            m.load_seconds.labels(*self._labels).set(load_s)
             t1 = time.perf_counter()
             await self._warmup()
         except BaseException as exc:
             # Nothing of a failed load may outlive it: scheduler task, threads, runtimes (GPU memory).
-            if self.scheduler is not None:
-                await self.scheduler.close()
-            for inst in instances:
-                await loop.run_in_executor(None, inst.close)
-            self.pool = self.scheduler = None
+            await self._release()
             self.state = UNAVAILABLE
             self.reason = str(exc)
             raise
         warm_s = time.perf_counter() - t1
-        self.metrics.warmup_seconds.labels(*self._labels).set(warm_s)
+        m.warmup_seconds.labels(*self._labels).set(warm_s)
         self.state = READY
-        self.metrics.model_ready.labels(*self._labels).set(1)
+        m.model_ready.labels(*self._labels).set(1)
         log.info("model %s version %s READY (load %.3fs, warmup %.3fs, %d instance(s) on %s)",
-                 self.name, self.version, load_s, warm_s, len(instances), ",".join(sorted(set(devices))))
+                 self.name, self.version, load_s, warm_s, len(self.pool.instances), ",".join(devices_of(self.pool)))
 
     async def _warmup(self) -> None:
         assert self.scheduler is not None
@@ -130,6 +160,13 @@ class ModelVersion:
                 else:
                     await self.scheduler.infer(req)
 
+    async def _release(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        if self.pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.pool.close)
+        self.pool = self.scheduler = self._compute = None
+
     async def unload(self, grace: float = 30.0) -> None:
         """Stop taking requests, let in-flight ones finish (up to ``grace`` s), release instances."""
         if self.state == UNAVAILABLE:
@@ -141,106 +178,29 @@ class ModelVersion:
         except TimeoutError:
             log.warning("model %s version %s: %d request(s) still in flight after %.0fs; unloading anyway",
                         self.name, self.version, self.inflight, grace)
-        if self.scheduler is not None:
-            await self.scheduler.close()
-        if self.pool is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.pool.close)
+        await self._release()
         self.state = UNAVAILABLE
         self.reason = "unloaded"
 
     # ----------------------------------------------------------------- requests
-    def _admit(self) -> None:
-        if self.state != READY:
-            raise ModelNotReady(f"model '{self.name}' version {self.version} is {self.state}")
-        limit = self.config.max_concurrency
-        if limit and self.inflight >= limit:
-            raise Overloaded(f"model '{self.name}' has {self.inflight} requests in flight (max_concurrency {limit})")
-        self.inflight += 1
-        self._idle.clear()
-        self._m_inflight.inc()
-
-    def _leave(self) -> None:
-        self.inflight -= 1
-        self._m_inflight.dec()
-        if self.inflight == 0:
-            self._idle.set()
-
-    def _finish(self, t0: int, error: BaseException | None) -> None:
-        total = time.perf_counter_ns() - t0
-        if error is None:
-            self._m_ok.inc()
-        else:
-            if isinstance(error, asyncio.CancelledError | GeneratorExit):
-                error = Cancelled("the client cancelled the request")
-            self.metrics.requests.labels(*self._labels, as_modelyard_error(error).code.name).inc()
-        self._m_latency.observe(total / 1e9)
-        self.stats.request_done(error is None, total)
-
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, schedule and account for one request."""
-        self._admit()
-        t0 = time.perf_counter_ns()
-        error: BaseException | None = None
-        try:
+        with Accounted(self):
             validate_request(self.config, request)
+            assert self._compute is not None
             response = await self._compute(request)
             return self._shape_response(request, response)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._finish(t0, error)
-            self._leave()
-
-    def _compute(self, request: InferRequest) -> Awaitable[InferResponse]:
-        """The scheduler's answer, through the response cache when the model enables it
-        (a plain function: no extra coroutine layer on the uncached hot path)."""
-        assert self.scheduler is not None
-        return self.scheduler.infer(request) if self.cache is None else self._cached_infer(request)
-
-    async def _cached_infer(self, request: InferRequest) -> InferResponse:
-        assert self.cache is not None and self.scheduler is not None
-        t0 = time.perf_counter_ns()
-        big = sum(a.nbytes for a in request.inputs.values()) > _INLINE_HASH_BYTES
-        loop = asyncio.get_running_loop()
-        # hashing megabytes is compute: small requests hash inline (cheaper than a thread hop)
-        key = (await loop.run_in_executor(None, request_key, request, self.name, self.version) if big
-               else request_key(request, self.name, self.version))
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.metrics.cache_hits.labels(*self._labels).inc()
-            self.stats.cache(True, time.perf_counter_ns() - t0)
-            return hit
-        self.metrics.cache_misses.labels(*self._labels).inc()
-        self.stats.cache(False, time.perf_counter_ns() - t0)
-        # errors propagate before put: they are never cached
-        response = await self.scheduler.infer(request)
-        if big or sum(getattr(a, "nbytes", 0) for a in response.outputs.values()) > _INLINE_HASH_BYTES:
-            await loop.run_in_executor(None, self.cache.put, key, response)
-        else:
-            self.cache.put(key, response)
-        return response
 
     async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         """Responses of one request; many for decoupled models."""
-        self._admit()
-        t0 = time.perf_counter_ns()
-        error: BaseException | None = None
-        try:
+        with Accounted(self):
             validate_request(self.config, request)
-            assert self.scheduler is not None
+            assert self.scheduler is not None and self._compute is not None
             if self.config.decoupled:
                 async for resp in self.scheduler.stream(request):
                     yield self._shape_response(request, resp)
             else:
-                resp = await self._compute(request)
-                yield self._shape_response(request, resp)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._finish(t0, error)
-            self._leave()
+                yield self._shape_response(request, await self._compute(request))
 
     def _shape_response(self, request: InferRequest, response: InferResponse) -> InferResponse:
         if isinstance(response, BaseException):
@@ -252,6 +212,7 @@ class ModelVersion:
         return InferResponse(outputs=outputs, parameters=response.parameters, model=self.name,
                              version=self.version, id=request.id, final=response.final)
 
+    # ----------------------------------------------------------------- observers
     def _observe_batch(self, size: int, queue_ns: list[int], compute_ns: int, instance: str) -> None:
         self._m_batch.observe(size)
         self._m_compute.observe(compute_ns / 1e9)
@@ -260,3 +221,7 @@ class ModelVersion:
             q.observe(ns / 1e9)
             self.stats.queue.add(ns)
         self.stats.batch_done(size, 0, compute_ns, 0)
+
+    def _observe_cache(self, hit: bool, ns: int) -> None:
+        (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(*self._labels).inc()
+        self.stats.cache(hit, ns)

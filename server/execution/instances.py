@@ -14,10 +14,13 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from modelyard.server.errors import as_modelyard_error
-from modelyard.server.execution.runtimes.base import Result, Runtime
+from modelyard.server.execution.devices import resolve_devices
+from modelyard.server.execution.runtimes.base import Result, Runtime, runtime_class
+from modelyard.server.model_config import ModelConfig
 from modelyard.server.types import InferRequest, InferResponse
 
 _END = object()
@@ -216,3 +219,40 @@ class InstancePool:
         for inst in self.instances:
             inst.close()
 
+
+
+async def build_instances(config: ModelConfig, version: str, path: Path,
+                          on_busy: Callable[[int], Callable[[float], None]] | None = None) -> InstancePool:
+    """Create and load every instance of one model version: a runtime per device of its instance
+    groups, in a worker thread or (``execution: process``) a worker process.
+
+    Importing a backend and probing CUDA (which imports torch) take seconds, so they run off the
+    loop; each runtime loads in its instance's own thread. If any instance fails, the ones already
+    created are closed before the error propagates: nothing of a failed load outlives it.
+    ``on_busy(i)`` gives instance ``i``'s busy-time callback (metrics).
+    """
+    loop = asyncio.get_running_loop()
+    cls = await loop.run_in_executor(None, runtime_class, config.backend, f"{path.parent}/config.yaml")
+    devices = await loop.run_in_executor(None, resolve_devices, config.name, config.instance_group)
+    instances: list[Instance] = []
+    try:
+        for i, device in enumerate(devices):
+            if config.execution == "process":
+                from modelyard.server.execution.process_worker import ProcessRuntime
+
+                runtime: Runtime = ProcessRuntime(config, path, device)
+            else:
+                runtime = cls(config, path, device)
+            inst = Instance(f"{config.name}_v{version}_{i}", runtime, on_busy(i) if on_busy else None)
+            instances.append(inst)  # before load: a half-loaded instance is closed too
+            await inst.call(runtime.load)
+    except BaseException:
+        for inst in instances:
+            await loop.run_in_executor(None, inst.close)
+        raise
+    return InstancePool(instances)
+
+
+def devices_of(pool: InstancePool) -> list[str]:
+    """The devices a pool's instances run on (for logs)."""
+    return sorted({getattr(inst.runtime, "device", "?") for inst in pool.instances})

@@ -87,7 +87,7 @@ async def test_model_serves_hits_counts_metrics_and_never_caches_errors(monkeypa
                       outputs=[TensorSpec("Y", "FP32", [1])], response_cache=CacheConfig(enable=True))
     metrics = ServerMetrics()
     mv = ModelVersion(cfg, "1", Path("."), metrics)
-    monkeypatch.setattr("modelyard.server.model.runtime_class", lambda *a: CountingRuntime)
+    monkeypatch.setattr("modelyard.server.execution.instances.runtime_class", lambda *a: CountingRuntime)
     await mv.load()
     CountingRuntime.calls = 0
     for _ in range(3):

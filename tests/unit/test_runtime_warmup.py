@@ -32,7 +32,7 @@ async def test_model_is_not_ready_until_warmup_finished(monkeypatch: pytest.Monk
                       model_warmup=[WarmupSample(name="zeros", batch_size=2, count=2,
                                                  inputs={"X": {"data_type": "TYPE_FP32", "dims": [2]}})])
     metrics = ServerMetrics()
-    monkeypatch.setattr("modelyard.server.model.runtime_class", lambda *a: SlowWarmRuntime)
+    monkeypatch.setattr("modelyard.server.execution.instances.runtime_class", lambda *a: SlowWarmRuntime)
     mv = ModelVersion(cfg, "1", Path("."), metrics)
     loading = asyncio.create_task(mv.load())
     loop = asyncio.get_running_loop()
