@@ -54,7 +54,7 @@ protos: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy server clients balancer protos/tensors.py protos/params.py
+	$(BIN)/mypy core server clients balancer autoscaler protos/tensors.py protos/params.py
 
 clean:
 	rm -rf $(VENV) .venv-mlserver .peers .torch build *.egg-info

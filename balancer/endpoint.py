@@ -1,15 +1,22 @@
 """Endpoints and the immutable per-pool snapshot that pickers choose from.
 
-An :class:`Endpoint` is long lived (one per upstream address in a pool) and carries
-the mutable per-request load counters that load-aware pickers read; the
-:class:`Snapshot` is rebuilt by the pool whenever membership, health, drain,
-ejection or slow-start weights change, and pickers never see anything else.
+An :class:`Endpoint` is long lived (one per upstream address in a pool). Each of its fields has
+one writer: the pool (membership, configured weight, health, drain, the upstream connections),
+the data plane (``outstanding``), the pool's accounting (``requests``, ``failures``), the outlier
+detector (``outlier``) and the picker (``load``, its private estimator). The :class:`Snapshot` is
+rebuilt by the pool whenever membership, health, drain, ejection or slow-start weights change; it
+holds frozen ``(endpoint, weight)`` entries, the weight being the one in force when it was built
+(slow start applied), and pickers never see anything else.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from modelyard.balancer.upstream import Upstream
 
 
 class Outcome(enum.Enum):
@@ -30,37 +37,50 @@ class Health(enum.Enum):
     UNHEALTHY = "unhealthy"
 
 
-@dataclass(eq=False)
-class Endpoint:
-    """One upstream address in one pool, with its load counters.
+@dataclass(slots=True)
+class OutlierState:
+    """Passive outlier detection's state of one endpoint (written by the OutlierDetector only)."""
 
-    ``outstanding`` is maintained by the data plane; ``load`` is picker-private
-    state (e.g. the Peak-EWMA estimator) attached by the picker on first use.
-    """
+    consecutive_failures: int = 0
+    times_ejected: int = 0
+    #: ejected while the clock reads less than this
+    ejected_until: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class Endpoint:
+    """One upstream address in one pool."""
 
     address: str
+    #: configured weight (from its discovery source)
     weight: float = 1.0
     source: str = "static"
     added_at: float = 0.0
     health: Health = Health.UNKNOWN
     draining: bool = False
-    ejected_until: float = 0.0
-    times_ejected: int = 0
+    #: the data plane's connections to it (None in a control process, or once closed)
+    upstream: Upstream | None = None
+    #: attempts in flight (the data plane)
     outstanding: int = 0
-    #: weight after slow start; what weighted pickers use
-    effective_weight: float = 1.0
-    load: object | None = None
-    #: per-endpoint counters surfaced by /endpoints and /metrics
+    #: finished attempts and failed ones (the pool's accounting, for /endpoints)
     requests: int = 0
     failures: int = 0
-    consecutive_failures: int = 0
-    extra: dict = field(default_factory=dict)
+    outlier: OutlierState = field(default_factory=OutlierState)
+    #: the picker's private per-endpoint state (e.g. the Peak-EWMA estimator), attached on first use
+    load: Any = None
 
     def __repr__(self) -> str:
         return f"Endpoint({self.address!r})"
 
     def is_ejected(self, now: float) -> bool:
-        return self.ejected_until > now
+        return self.outlier.ejected_until > now
+
+
+class Entry(NamedTuple):
+    """An endpoint as a snapshot offers it: with the weight in force when the snapshot was built."""
+
+    endpoint: Endpoint
+    weight: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +92,28 @@ class Snapshot:
     """
 
     pool: str
-    endpoints: tuple[Endpoint, ...]
+    entries: tuple[Entry, ...]
     panic: bool = False
     version: int = 0
+    endpoints: tuple[Endpoint, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoints", tuple(e.endpoint for e in self.entries))
+
+    @classmethod
+    def of(cls, pool: str, endpoints: tuple[Endpoint, ...], **kw: Any) -> Snapshot:
+        """A snapshot offering ``endpoints`` at their configured weights."""
+        return cls(pool, tuple(Entry(e, e.weight) for e in endpoints), **kw)
 
     def __len__(self) -> int:
-        return len(self.endpoints)
+        return len(self.entries)
+
+    def weight(self, endpoint: Endpoint) -> float | None:
+        """The weight ``endpoint`` has in this snapshot (None when it is not in it)."""
+        for e in self.entries:
+            if e.endpoint is endpoint:
+                return e.weight
+        return None
 
 
 class NoEndpoint(Exception):

@@ -9,6 +9,7 @@ as in Envoy. ``due`` tells the pool when the next ejection ends.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from modelyard.balancer.endpoint import Endpoint, Outcome
@@ -37,7 +38,8 @@ class OutlierConfig:
 
 
 class OutlierDetector:
-    """Counts consecutive failures per endpoint and decides ejections; counts every decision."""
+    """Counts consecutive failures per endpoint (its ``outlier`` state) and decides ejections;
+    counts every decision."""
 
     def __init__(self, config: OutlierConfig) -> None:
         self.config = config
@@ -45,31 +47,35 @@ class OutlierDetector:
         #: ejections that were due but refused by max_ejection_percent
         self.ejections_overflow = 0
 
-    def record(self, endpoint: Endpoint, outcome: Outcome, now: float, pool: tuple[Endpoint, ...]) -> bool:
-        """Account one attempt; return True when ``endpoint`` was just ejected."""
+    def record(self, endpoint: Endpoint, outcome: Outcome, now: float, pool: Collection[Endpoint]) -> bool:
+        """Account one attempt; return True when ``endpoint`` was just ejected.
+
+        ``pool`` (every endpoint of the pool) is only looked at when an ejection is due.
+        """
+        state = endpoint.outlier
         if outcome is not Outcome.FAILURE:
-            endpoint.consecutive_failures = 0
+            state.consecutive_failures = 0
             return False
-        endpoint.consecutive_failures += 1
+        state.consecutive_failures += 1
         cfg = self.config
-        if not cfg.enabled or endpoint.consecutive_failures < cfg.consecutive_failures:
+        if not cfg.enabled or state.consecutive_failures < cfg.consecutive_failures:
             return False
-        if endpoint.is_ejected(now):
+        if state.ejected_until > now:
             return False
         ejected = sum(1 for e in pool if e.is_ejected(now))
         allowed = max(1, int(len(pool) * cfg.max_ejection_percent / 100.0))
         if ejected >= allowed:
             self.ejections_overflow += 1
             return False
-        endpoint.times_ejected += 1
-        duration = min(cfg.base_ejection_time * endpoint.times_ejected, cfg.max_ejection_time)
-        endpoint.ejected_until = now + duration
-        endpoint.consecutive_failures = 0
+        state.times_ejected += 1
+        duration = min(cfg.base_ejection_time * state.times_ejected, cfg.max_ejection_time)
+        state.ejected_until = now + duration
+        state.consecutive_failures = 0
         self.ejections += 1
         return True
 
     @staticmethod
-    def next_unejection(pool: tuple[Endpoint, ...], now: float) -> float | None:
+    def next_unejection(pool: Iterable[Endpoint], now: float) -> float | None:
         """Earliest time an ejected endpoint comes back, or None."""
-        times = [e.ejected_until for e in pool if e.ejected_until > now]
+        times = [e.outlier.ejected_until for e in pool if e.outlier.ejected_until > now]
         return min(times) if times else None

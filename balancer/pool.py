@@ -14,15 +14,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from modelyard.balancer.config import PoolConfig
-from modelyard.balancer.endpoint import Endpoint, Health, Outcome, Snapshot
+from modelyard.balancer.endpoint import Endpoint, Entry, Health, Outcome, Snapshot
 from modelyard.balancer.metrics import Stats
 from modelyard.balancer.outlier import OutlierDetector
 from modelyard.balancer.pickers import PICKERS
 from modelyard.balancer.retry import RetryBudget
+from modelyard.balancer.upstream import Upstream
 from modelyard.clock import MONOTONIC, Clock
 
 #: makes the per-endpoint connection object; None = no data-plane connections (control process)
-UpstreamFactory = Callable[[str], Any]
+UpstreamFactory = Callable[[str], Upstream]
 
 
 class Pool:
@@ -99,7 +100,7 @@ class Pool:
                 # endpoints known at start are not slow-started; later ones are
                 ep = Endpoint(addr, weight=w, source=source, added_at=now if self._started else float("-inf"))
                 if self.upstream_factory is not None:
-                    ep.extra["upstream"] = self.upstream_factory(addr)
+                    ep.upstream = self.upstream_factory(addr)
                 self.endpoints[addr] = ep
             else:
                 ep.weight = w
@@ -113,7 +114,7 @@ class Pool:
             self._retired.append(ep)
 
     def _close(self, ep: Endpoint) -> None:
-        up = ep.extra.pop("upstream", None)
+        up, ep.upstream = ep.upstream, None
         if up is not None:
             try:
                 loop = asyncio.get_running_loop()
@@ -156,20 +157,21 @@ class Pool:
         chosen = candidates if panic else routable
         ss = self.config.slow_start
         next_step: float | None = None
+        entries = []
         for e in chosen:
-            e.effective_weight = e.weight
+            weight = e.weight
             if ss.window > 0:
                 age = now - e.added_at
                 if age < ss.window:
                     frac = max(age, 0.0) / ss.window
-                    factor = max(ss.min_weight_percent / 100.0, frac ** (1.0 / ss.aggression))
-                    e.effective_weight = e.weight * factor
+                    weight *= max(ss.min_weight_percent / 100.0, frac ** (1.0 / ss.aggression))
                     next_step = ss.window / 10.0
+            entries.append(Entry(e, weight))
         self._version += 1
-        self.snapshot = Snapshot(self.name, tuple(chosen), panic=panic, version=self._version)
+        self.snapshot = Snapshot(self.name, tuple(entries), panic=panic, version=self._version)
         if panic:
             self.stats.count(self.name, "panic_snapshots")
-        uneject = self.outlier.next_unejection(tuple(self.endpoints.values()), now)
+        uneject = self.outlier.next_unejection(self.endpoints.values(), now)
         if uneject is not None:
             delay = uneject - now + 1e-3
             next_step = delay if next_step is None else min(next_step, delay)
@@ -198,9 +200,7 @@ class Pool:
         if outcome is Outcome.FAILURE:
             ep.failures += 1
         self.picker.on_done(ep, outcome, latency)
-        if outcome is not Outcome.FAILURE:
-            ep.consecutive_failures = 0  # what outlier.record does on success, without its call
-        elif self.outlier.record(ep, outcome, self.clock.now(), tuple(self.endpoints.values())):
+        if self.outlier.record(ep, outcome, self.clock.now(), self.endpoints.values()):
             self.stats.count(self.name, "ejections")
             self.rebuild()
         if ep.draining and ep.outstanding == 0 and ep in self._retired:
@@ -212,27 +212,28 @@ class Pool:
     def describe(self) -> list[dict[str, Any]]:
         """Rows for ``/endpoints``."""
         now = self.clock.now()
-        in_snap = set(map(id, self.snapshot.endpoints))
+        weights = {id(x.endpoint): x.weight for x in self.snapshot.entries}
         rows = []
         for e in self.endpoints.values():
             load = e.load
+            o = e.outlier
             rows.append({
                 "pool": self.name,
                 "address": e.address,
                 "source": e.source,
                 "weight": e.weight,
-                "effective_weight": round(e.effective_weight, 4),
+                "effective_weight": round(weights.get(id(e), e.weight), 4),
                 "health": e.health.value,
                 "draining": e.draining,
                 "ejected": e.is_ejected(now),
-                "ejected_for_s": round(max(0.0, e.ejected_until - now), 3),
-                "times_ejected": e.times_ejected,
+                "ejected_for_s": round(max(0.0, o.ejected_until - now), 3),
+                "times_ejected": o.times_ejected,
                 "outstanding": e.outstanding,
                 "requests": e.requests,
                 "failures": e.failures,
-                "consecutive_failures": e.consecutive_failures,
+                "consecutive_failures": o.consecutive_failures,
                 "ewma_ms": round(load.estimate(now) * 1e3, 3) if hasattr(load, "estimate") else None,
-                "routable": id(e) in in_snap,
+                "routable": id(e) in weights,
                 "panic": self.snapshot.panic,
             })
         return rows
@@ -261,6 +262,6 @@ class Pool:
         if self._timer is not None:
             self._timer.cancel()
         for e in [*self.endpoints.values(), *self._retired]:
-            up = e.extra.pop("upstream", None)
+            up, e.upstream = e.upstream, None
             if up is not None:
                 await up.close(None)

@@ -631,7 +631,7 @@ class Proxy:
                 pool.stats.count(pool.name, "no_endpoint")
                 call.fail(UNAVAILABLE, str(exc))
                 return
-            up = ep.extra.get("upstream")
+            up = ep.upstream
             if up is not None:
                 break
             call.exclude = ep

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 from modelyard.balancer.h2.connection import (
     MAX_STREAM_ID,
@@ -22,6 +21,7 @@ from modelyard.balancer.h2.connection import (
     Flusher,
     H2Connection,
     Stream,
+    StreamHandler,
 )
 from modelyard.balancer.h2.hpack import Headers
 
@@ -117,7 +117,7 @@ class UpstreamConnection(H2Connection):
 
     # ------------------------------------------------------------------ streams
 
-    def open_stream(self, call: Any) -> Stream:
+    def open_stream(self, call: StreamHandler) -> Stream:
         sid = self.next_sid
         self.next_sid += 2
         if self.next_sid > MAX_STREAM_ID:

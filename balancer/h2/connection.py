@@ -18,7 +18,7 @@ import asyncio
 import logging
 import struct
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from modelyard.balancer.h2.hpack import MAX_HEADER_LIST, Decoder, Headers, HpackError
 
@@ -106,6 +106,24 @@ class Flusher:
                     c._wbuf.clear()
 
 
+class StreamHandler(Protocol):
+    """Where a stream's events go: the proxied call both of its streams belong to.
+
+    The downstream (client-facing) connection reports request bytes and cancellation; the
+    upstream connection reports response headers/trailers, response bytes and failures.
+    """
+
+    def downstream_data(self, data: bytes, end: bool) -> None: ...
+
+    def downstream_cancelled(self) -> None: ...
+
+    def upstream_headers(self, headers: Headers, end: bool) -> None: ...
+
+    def upstream_data(self, data: bytes, end: bool) -> None: ...
+
+    def upstream_failed(self, reason: str) -> None: ...
+
+
 class Stream:
     """One HTTP/2 stream on one connection; ``call`` is the proxied call it belongs to."""
 
@@ -115,7 +133,7 @@ class Stream:
     def __init__(self, sid: int, conn: H2Connection) -> None:
         self.id = sid
         self.conn = conn
-        self.call: Any = None
+        self.call: StreamHandler | None = None
         self.source: Stream | None = None
         self.send_window = conn.peer_initial_window
         #: frames waiting for send window: (is_headers, payload, end_stream)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome, Snapshot
+from modelyard.balancer.endpoint import Endpoint, Entry, NoEndpoint, Outcome, Snapshot
 from modelyard.clock import MONOTONIC, Clock
 
 
@@ -39,10 +39,11 @@ class BasePicker:
         return None
 
     @staticmethod
-    def candidates(snapshot: Snapshot, exclude: Endpoint | None) -> tuple[Endpoint, ...]:
-        eps = snapshot.endpoints
-        if not eps:
+    def candidates(snapshot: Snapshot, exclude: Endpoint | None) -> tuple[Entry, ...]:
+        """The snapshot's entries, without ``exclude`` unless it is the only one."""
+        entries = snapshot.entries
+        if not entries:
             raise NoEndpoint(snapshot.pool)
-        if exclude is not None and len(eps) > 1 and exclude in eps:
-            return tuple(e for e in eps if e is not exclude)
-        return eps
+        if exclude is not None and len(entries) > 1 and exclude in snapshot.endpoints:
+            return tuple(e for e in entries if e.endpoint is not exclude)
+        return entries

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from modelyard.balancer.endpoint import Endpoint, Snapshot
+from modelyard.balancer.endpoint import Endpoint, Entry, Snapshot
 from modelyard.balancer.pickers.base import BasePicker
 from modelyard.balancer.pickers.p2c import pick_two
 
 
-def _cost(e: Endpoint) -> float:
+def _cost(e: Entry) -> float:
     # weights scale capacity: twice the weight takes twice the outstanding requests
-    return (e.outstanding + 1) / e.effective_weight if e.effective_weight > 0 else float("inf")
+    return (e.endpoint.outstanding + 1) / e.weight if e.weight > 0 else float("inf")
 
 
 class LeastConn(BasePicker):
-    """P2C on ``(outstanding + 1) / effective_weight``."""
+    """P2C on ``(outstanding + 1) / weight`` (the snapshot's weight: slow start applied)."""
 
     name = "least_conn"
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from modelyard.balancer.endpoint import Endpoint
+from modelyard.balancer.endpoint import Endpoint, Entry
 
 
-def pick_two(eps: tuple[Endpoint, ...], rng: random.Random, cost: Callable[[Endpoint], float]) -> Endpoint:
+def pick_two(eps: tuple[Entry, ...], rng: random.Random, cost: Callable[[Entry], float]) -> Endpoint:
     """P2C over ``eps`` with ``cost`` (lower wins); ties go to the first draw."""
     n = len(eps)
     if n == 1:
-        return eps[0]
+        return eps[0].endpoint
     i = rng.randrange(n)
     j = rng.randrange(n - 1)
     if j >= i:
         j += 1
     a, b = eps[i], eps[j]
-    return b if cost(b) < cost(a) else a
+    return b.endpoint if cost(b) < cost(a) else a.endpoint

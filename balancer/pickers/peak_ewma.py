@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelyard.balancer.endpoint import Endpoint, Outcome, Snapshot
+from modelyard.balancer.endpoint import Endpoint, Entry, Outcome, Snapshot
 from modelyard.balancer.load import PeakEwma as PeakEwmaLoad
 from modelyard.balancer.pickers.base import BasePicker
 from modelyard.balancer.pickers.p2c import pick_two
@@ -45,9 +45,10 @@ class PeakEwma(BasePicker):
         now = self.clock.now()
         load_of = self.load_of
 
-        def cost(e: Endpoint) -> float:
-            w = e.effective_weight
-            c = load_of(e).cost(now, e.outstanding)
+        def cost(e: Entry) -> float:
+            w = e.weight
+            ep = e.endpoint
+            c = load_of(ep).cost(now, ep.outstanding)
             return c / w if w > 0 else float("inf")
 
         return pick_two(self.candidates(snapshot, exclude), self.rng, cost)

@@ -7,15 +7,15 @@ from modelyard.balancer.pickers.base import BasePicker
 
 
 class RandomPicker(BasePicker):
-    """Draws an endpoint with probability proportional to its effective weight."""
+    """Draws an endpoint with probability proportional to its weight in the snapshot."""
 
     name = "random"
 
     def pick(self, snapshot: Snapshot, exclude: Endpoint | None = None) -> Endpoint:
         eps = self.candidates(snapshot, exclude)
         if len(eps) == 1:
-            return eps[0]
-        weights = [e.effective_weight for e in eps]
+            return eps[0].endpoint
+        weights = [e.weight for e in eps]
         if all(w == weights[0] for w in weights):
-            return eps[self.rng.randrange(len(eps))]
-        return self.rng.choices(eps, weights=weights)[0]
+            return eps[self.rng.randrange(len(eps))].endpoint
+        return self.rng.choices(eps, weights=weights)[0].endpoint

@@ -19,4 +19,4 @@ class RoundRobin(BasePicker):
         eps = self.candidates(snapshot, exclude)
         i = self._next
         self._next = i + 1
-        return eps[i % len(eps)]
+        return eps[i % len(eps)].endpoint

@@ -9,7 +9,7 @@ from modelyard.balancer.pickers.base import BasePicker
 class WeightedRoundRobin(BasePicker):
     """Each pick adds every endpoint's effective weight to its credit and takes the richest.
 
-    Effective weight includes slow start, so a new endpoint ramps up smoothly.
+    The snapshot's weights include slow start, so a new endpoint ramps up smoothly.
     Credit is kept per snapshot version and reset when the snapshot changes.
     """
 
@@ -30,8 +30,8 @@ class WeightedRoundRobin(BasePicker):
         total = 0.0
         best: Endpoint | None = None
         best_credit = 0.0
-        for e in eps:
-            w = e.effective_weight if e.effective_weight > 0 else 0.0
+        for e, weight in eps:
+            w = weight if weight > 0 else 0.0
             c = credit.get(e, 0.0) + w
             credit[e] = c
             total += w

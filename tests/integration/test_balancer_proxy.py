@@ -333,7 +333,7 @@ async def test_large_messages_and_long_streams_cross_flow_control_windows(backen
         pool = b.pools["p"]
         await until(lambda: pool.active == 0 and all(e.outstanding == 0 for e in pool.endpoints.values()),
                     what="all calls accounted")
-        up = pool.endpoints[backends[0].address].extra["upstream"]
+        up = pool.endpoints[backends[0].address].upstream
         await until(lambda: all(not c.streams for c in up.conns), what="upstream streams closed")
 
 

@@ -23,16 +23,16 @@ def test_outlier_ejects_after_consecutive_failures_with_growing_time() -> None:
     assert not det.record(a, Outcome.FAILURE, now, pool)
     assert not det.record(a, Outcome.FAILURE, now, pool)
     assert det.record(a, Outcome.FAILURE, now, pool)
-    assert a.ejected_until == 110.0 and det.ejections == 1
+    assert a.outlier.ejected_until == 110.0 and det.ejections == 1
     assert OutlierDetector.next_unejection(pool, now) == 110.0
     now = 111.0
     for _ in range(3):
         det.record(a, Outcome.FAILURE, now, pool)
-    assert a.ejected_until == now + 20  # base * times_ejected
+    assert a.outlier.ejected_until == now + 20  # base * times_ejected
     now = 200.0
     for _ in range(3):
         det.record(a, Outcome.FAILURE, now, pool)
-    assert a.ejected_until == now + 25  # capped
+    assert a.outlier.ejected_until == now + 25  # capped
 
 
 def test_outlier_success_resets_the_streak_and_app_errors_do_not_count() -> None:
@@ -41,9 +41,9 @@ def test_outlier_success_resets_the_streak_and_app_errors_do_not_count() -> None
     det.record(a, Outcome.FAILURE, 0, (a,))
     det.record(a, Outcome.SUCCESS, 0, (a,))
     det.record(a, Outcome.FAILURE, 0, (a,))
-    assert a.ejected_until == 0
+    assert a.outlier.ejected_until == 0
     det.record(a, Outcome.APP_ERROR, 0, (a,))
-    assert a.consecutive_failures == 0
+    assert a.outlier.consecutive_failures == 0
 
 
 def test_outlier_respects_max_ejection_percent_but_ejects_at_least_one() -> None:
@@ -91,7 +91,7 @@ def test_snapshot_excludes_unhealthy_draining_and_ejected() -> None:
     addrs = list(pool.endpoints)
     pool.set_health(addrs[0], Health.UNHEALTHY)
     pool.set_draining(addrs[1], True)
-    pool.endpoints[addrs[2]].ejected_until = clock.now() + 5
+    pool.endpoints[addrs[2]].outlier.ejected_until = clock.now() + 5
     pool.rebuild()
     assert [e.address for e in pool.snapshot.endpoints] == addrs[3:]
     assert not pool.snapshot.panic
@@ -125,13 +125,13 @@ def test_slow_start_ramps_new_endpoints_only() -> None:
     pool.add("127.0.10.9:1")
     new = pool.endpoints["127.0.10.9:1"]
     old = pool.endpoints["127.0.10.0:1"]
-    assert old.effective_weight == 1.0 and new.effective_weight == pytest.approx(0.1)
+    assert pool.snapshot.weight(old) == 1.0 and pool.snapshot.weight(new) == pytest.approx(0.1)
     clock.advance(5)
     pool.rebuild()
-    assert new.effective_weight == pytest.approx(0.5)
+    assert pool.snapshot.weight(new) == pytest.approx(0.5)
     clock.advance(5)
     pool.rebuild()
-    assert new.effective_weight == 1.0
+    assert pool.snapshot.weight(new) == 1.0
 
 
 def test_record_ejects_and_rebuilds_the_snapshot() -> None:

@@ -23,7 +23,7 @@ from modelyard.clock import FakeClock
 
 
 def snap(*eps: Endpoint, version: int = 1) -> Snapshot:
-    return Snapshot("p", tuple(eps), version=version)
+    return Snapshot.of("p", tuple(eps), version=version)
 
 
 def eps(n: int) -> list[Endpoint]:
@@ -57,7 +57,7 @@ def test_round_robin_cycles_evenly() -> None:
 
 def test_weighted_round_robin_is_smooth_and_proportional() -> None:
     a, b = eps(2)
-    a.effective_weight, b.effective_weight = 3.0, 1.0
+    a.weight, b.weight = 3.0, 1.0
     wrr = WeightedRoundRobin()
     seq = [wrr.pick(snap(a, b)) for _ in range(8)]
     assert seq.count(a) == 6 and seq.count(b) == 2
@@ -67,7 +67,7 @@ def test_weighted_round_robin_is_smooth_and_proportional() -> None:
 
 def test_random_respects_weights() -> None:
     a, b = eps(2)
-    a.effective_weight, b.effective_weight = 9.0, 1.0
+    a.weight, b.weight = 9.0, 1.0
     r = RandomPicker(rng=random.Random(3))
     share = sum(r.pick(snap(a, b)) is a for _ in range(5000)) / 5000
     assert 0.87 < share < 0.93
@@ -220,7 +220,7 @@ def test_peak_ewma_new_endpoint_starts_from_the_prior() -> None:
 def test_weights_scale_p2c_costs() -> None:
     clock = FakeClock()
     a, b = eps(2)
-    a.effective_weight, b.effective_weight = 0.1, 1.0  # a is slow-starting
+    a.weight, b.weight = 0.1, 1.0  # a is slow-starting
     lc = LeastConn(rng=random.Random(9), clock=clock)
     assert all(lc.pick(snap(a, b)) is b for _ in range(20))
 
