@@ -6,23 +6,16 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from modelyard.clients.aio import AsyncInferenceClient
 from modelyard.clients.errors import InferenceServerError
+from modelyard.percentiles import percentile
 
 PERCENTILES = (50.0, 90.0, 99.0)
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values (0.0 for none)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
-    return float(sorted_values[min(rank, len(sorted_values)) - 1])
 
 
 @dataclass(slots=True)

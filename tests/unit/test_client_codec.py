@@ -8,13 +8,13 @@ import grpc
 import numpy as np
 import pytest
 
-from modelyard.clients.bench import percentile
 from modelyard.clients.channel import make_settings
 from modelyard.clients.errors import InferenceServerError
 from modelyard.clients.inputs import InputError, TensorSpec, fit_shape, normalize_datatype, parse_input
 from modelyard.clients.requests import build_infer_request
 from modelyard.clients.results import InferResult, decode_stream_response
 from modelyard.launcher import parse_ready_line
+from modelyard.percentiles import percentile
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos.tensors import as_bytes_array, datatype_of
 
