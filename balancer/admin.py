@@ -9,6 +9,8 @@ POST /endpoints          {"pool", "address", "weight"?}: add an endpoint (source
 DELETE /endpoints        {"pool", "address"} (or query string): remove it
 POST /endpoints/drain    {"pool", "address"}: stop new picks, let in-flight finish
 POST /endpoints/undrain  {"pool", "address"}: undo a drain
+GET  /pools/{pool}/demand?wait=S   {"pool", "held", "endpoints", "routable"}; with ``wait`` the answer
+                         waits up to S s (at most 60) for a request to be held (scale from zero)
 """
 
 from __future__ import annotations
@@ -101,6 +103,19 @@ def build_admin_app(b: Balancer) -> web.Application:
             return web.json_response({"address": data["address"], "pool": pool.name, "draining": flag})
         return handler
 
+    async def demand(request: web.Request) -> web.Response:
+        pool = b.pools.get(request.match_info["pool"])
+        if pool is None:
+            return _bad(f"unknown pool {request.match_info['pool']!r} (known: {', '.join(b.pools)})", 404)
+        try:
+            wait = min(60.0, max(0.0, float(request.query.get("wait", "0"))))
+        except ValueError:
+            return _bad("wait must be a number of seconds")
+        if not b.held(pool.name):
+            await pool.wait_demand(wait)
+        return web.json_response({"pool": pool.name, "held": b.held(pool.name), "endpoints": len(pool.endpoints),
+                                  "routable": len(pool.snapshot)})
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/endpoints", endpoints)
@@ -111,4 +126,5 @@ def build_admin_app(b: Balancer) -> web.Application:
     app.router.add_delete("/endpoints", remove)
     app.router.add_post("/endpoints/drain", set_drain(True))
     app.router.add_post("/endpoints/undrain", set_drain(False))
+    app.router.add_get("/pools/{pool}/demand", demand)
     return app

@@ -170,6 +170,9 @@ class Balancer:
                 fut.set_result(None)
         elif kind == "stats":
             self._worker_reports[i] = (msg[1], msg[2])
+            for name, n in msg[1].get("held", {}).items():
+                if n and name in self.pools:
+                    self.pools[name].notify_demand()
 
     def _control_state(self) -> dict[str, Any]:
         return {name: pool.control_state() for name, pool in self.pools.items()}
@@ -215,6 +218,11 @@ class Balancer:
                 if w["ewma_ms"] is not None:
                     r["ewma_ms"] = max(r["ewma_ms"] or 0.0, w["ewma_ms"])
         return rows
+
+    def held(self, pool: str) -> int:
+        """Requests held now for ``pool`` (in worker mode: as last reported by the workers)."""
+        own = len(self.pools[pool].held) if pool in self.pools else 0
+        return own + sum(r[0].get("held", {}).get(pool, 0) for r in self._worker_reports.values())
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)

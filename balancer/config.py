@@ -165,6 +165,23 @@ class EndpointsConfig:
 
 
 @dataclass
+class ActivatorConfig:
+    """Scale from zero (Knative's activator): while the pool has no endpoint to pick, hold requests
+    until one is added instead of failing them. The held count is the demand an autoscaler reads
+    (``modelyard_balancer_held_requests``, ``GET /pools/<pool>/demand``)."""
+
+    enabled: bool = False
+    #: requests held at most; beyond it RESOURCE_EXHAUSTED at once
+    max_requests: int = 100
+    #: seconds a request is held at most (and never past its own deadline); then UNAVAILABLE
+    timeout: float = 10.0
+
+    def validate(self, check: Check) -> None:
+        check(self.max_requests >= 1, "max_requests", "must be >= 1")
+        check(self.timeout > 0, "timeout", "must be > 0")
+
+
+@dataclass
 class PoolConfig:
     """A set of interchangeable upstream endpoints and how to balance over them."""
 
@@ -184,6 +201,7 @@ class PoolConfig:
     panic_threshold: float = 50.0
     circuit_breakers: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    activator: ActivatorConfig = field(default_factory=ActivatorConfig)
 
     def validate(self, check: Check) -> None:
         if self.picker not in PICKERS:

@@ -34,6 +34,8 @@ class Stats:
         #: ejections_overflow, circuit_open_requests, circuit_open_pending, circuit_open_retries,
         #: no_endpoint, panic_picks, hc_success, hc_failure, routed
         self.events: dict[tuple[str, str], int] = defaultdict(int)
+        #: pool -> requests held now because the pool has no endpoint (activator)
+        self.held: dict[str, int] = defaultdict(int)
 
     def observe_latency(self, pool: str, seconds: float) -> None:
         counts = self.latency_counts.get(pool)
@@ -52,6 +54,7 @@ class Stats:
             "latency_counts": {k: list(v) for k, v in self.latency_counts.items()},
             "latency_sum": dict(self.latency_sum),
             "events": [[*k, v] for k, v in self.events.items()],
+            "held": dict(self.held),
         }
 
 
@@ -69,6 +72,8 @@ def merge_dumps(dumps: Iterable[dict[str, Any]]) -> dict[str, Any]:
             total.latency_sum[pool] += s
         for pool, ev, v in d["events"]:
             total.events[(pool, ev)] += v
+        for pool, n in d.get("held", {}).items():
+            total.held[pool] += n
     return total.dump()
 
 
@@ -103,6 +108,11 @@ class BalancerCollector(Collector):
                                                        labels=["pool"])
             fam.add_metric([pool], v)
         yield from events.values()
+        held = GaugeMetricFamily("modelyard_balancer_held_requests",
+                                 "Requests held because the pool has no endpoint (scale from zero)", labels=["pool"])
+        for pool, n in d.get("held", {}).items():
+            held.add_metric([pool], n)
+        yield held
         rows = self._endpoints()
         out = GaugeMetricFamily("modelyard_balancer_outstanding_requests", "Requests in flight per endpoint",
                                 labels=["pool", "endpoint"])

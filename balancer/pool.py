@@ -9,6 +9,7 @@ are in flight keep their connections until those requests finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -65,6 +66,12 @@ class Pool:
         self.active_retries = 0
         self.checked_services: list[str] = []
         self._closing: set[asyncio.Task[None]] = set()
+        #: calls held while the pool has no endpoint (activator), with their timeout timers
+        self.held: dict[Any, asyncio.TimerHandle] = {}
+        #: called (soon) when endpoints appear while calls are held: the proxy sends them
+        self.on_ready: Callable[[], None] | None = None
+        #: futures of admin requests waiting for demand (held calls)
+        self._demand_waiters: list[asyncio.Future[None]] = []
 
     # ------------------------------------------------------------------ membership
 
@@ -169,6 +176,9 @@ class Pool:
             entries.append(Entry(e, weight))
         self._version += 1
         self.snapshot = Snapshot(self.name, tuple(entries), panic=panic, version=self._version)
+        if self.held and entries and self.on_ready is not None:
+            with contextlib.suppress(RuntimeError):  # no loop: nothing can be held either
+                asyncio.get_running_loop().call_soon(self.on_ready)
         if panic:
             self.stats.count(self.name, "panic_snapshots")
         uneject = self.outlier.next_unejection(self.endpoints.values(), now)
@@ -190,6 +200,44 @@ class Pool:
         except RuntimeError:
             return
         self._timer = loop.call_later(delay, self.rebuild)
+
+    # ------------------------------------------------------------------ held calls (scale from zero)
+
+    def hold(self, call: Any, timer: asyncio.TimerHandle) -> None:
+        self.held[call] = timer
+        self.stats.held[self.name] = len(self.held)
+        self.notify_demand()
+
+    def unhold(self, call: Any) -> bool:
+        """Forget a held call (it was sent, failed or cancelled); False when it was not held."""
+        timer = self.held.pop(call, None)
+        if timer is None:
+            return False
+        timer.cancel()
+        self.stats.held[self.name] = len(self.held)
+        return True
+
+    def take_held(self) -> list[Any]:
+        calls = list(self.held)
+        for call in calls:
+            self.unhold(call)
+        return calls
+
+    def notify_demand(self) -> None:
+        """Wake admin requests waiting for demand on this pool."""
+        waiters, self._demand_waiters = self._demand_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_demand(self, seconds: float) -> None:
+        """Return when a call is held (at once if one is), or after ``seconds``."""
+        if self.held or seconds <= 0:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._demand_waiters.append(fut)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(fut, seconds)
 
     # ------------------------------------------------------------------ outcomes
 

@@ -463,6 +463,8 @@ class Call:
         if pool is not None:
             pool.active -= 1
             pool.stats.observe_latency(pool.name, proxy.clock.now() - self.start)
+            if pool.held:
+                pool.unhold(self)
         down = self.down
         down.call = None
         down.source = None
@@ -500,6 +502,8 @@ class Proxy:
         self._heads: dict[Headers, RequestHead] = {}
         #: set when in_flight drops to 0 during shutdown
         self.idle: asyncio.Event | None = None
+        for pool in pools.values():
+            pool.on_ready = lambda p=pool: self.release_held(p)
 
     # ------------------------------------------------------------------ listening
 
@@ -628,6 +632,9 @@ class Proxy:
             try:
                 ep = pool.picker.pick(pool.snapshot, call.exclude)
             except NoEndpoint as exc:
+                if call.attempt == 0 and pool.config.activator.enabled and not pool.snapshot.entries:
+                    self.hold(call, pool)
+                    return
                 pool.stats.count(pool.name, "no_endpoint")
                 call.fail(UNAVAILABLE, str(exc))
                 return
@@ -679,6 +686,31 @@ class Proxy:
                 conn.send_data(ust, chunk, done and i == last)
         if not call.retryable:
             call.buffered = None
+
+    # ------------------------------------------------------------------ scale from zero
+
+    def hold(self, call: Call, pool: Pool) -> None:
+        """The pool has no endpoint: keep the call until one is added (activator), bounded in count and time."""
+        act = pool.config.activator
+        if len(pool.held) >= act.max_requests:
+            pool.stats.count(pool.name, "held_overflow")
+            call.fail(RESOURCE_EXHAUSTED, f"pool '{pool.name}' has no replica yet and already holds "
+                                          f"{len(pool.held)} requests (activator.max_requests)")
+            return
+        pool.stats.count(pool.name, "held")
+        timer = asyncio.get_running_loop().call_later(act.timeout, self._held_too_long, call, pool)
+        pool.hold(call, timer)
+
+    def _held_too_long(self, call: Call, pool: Pool) -> None:
+        if pool.unhold(call):
+            pool.stats.count(pool.name, "held_timeout")
+            call.fail(UNAVAILABLE, f"pool '{pool.name}' has no endpoint: no replica became ready within "
+                                   f"{pool.config.activator.timeout:g}s")
+
+    def release_held(self, pool: Pool) -> None:
+        """An endpoint appeared: send every held call (in arrival order)."""
+        for call in pool.take_held():
+            self.attempt(call)
 
     def retry(self, call: Call) -> bool:
         """Schedule another attempt if retry policy, budget, breaker and deadline allow."""

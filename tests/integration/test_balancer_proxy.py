@@ -462,3 +462,58 @@ async def test_a_peer_that_accepts_tcp_but_never_speaks_http2_fails_over_with_bi
             assert b.stats.events[("p", "retries")] >= 1
     finally:
         srv.close()
+
+
+# ------------------------------------------------------------------ scale from zero (activator)
+
+
+async def test_a_pool_with_no_endpoint_holds_requests_until_one_is_added(backends: list[Backend]) -> None:
+    pools = {"p": pool_of(health_check={"enabled": False}, activator={"enabled": True, "timeout": 10})}
+    async with balancer(pools) as b, channel(b) as ch, aiohttp.ClientSession() as http:
+        admin = f"http://127.0.0.1:{b.admin_port}"
+        call = ch.unary_unary("/t.T/Unary")
+        calls = [asyncio.ensure_future(call(b"held %d" % i, timeout=10)) for i in range(3)]
+        # the demand long-poll answers as soon as a request is held
+        async with http.get(f"{admin}/pools/p/demand?wait=10") as r:
+            body = await r.json()
+        assert body["held"] >= 1 and body["endpoints"] == 0
+        await until(lambda: b.held("p") == 3, what="three held requests")
+        async with http.get(f"{admin}/metrics") as r:
+            assert 'modelyard_balancer_held_requests{pool="p"} 3.0' in await r.text()
+        async with http.post(f"{admin}/endpoints", json={"pool": "p", "address": backends[0].address}) as r:
+            assert r.status == 200
+        assert sorted(await asyncio.gather(*calls)) == [b"held 0", b"held 1", b"held 2"]
+        assert b.held("p") == 0
+
+
+async def test_held_requests_are_bounded_in_count_and_time() -> None:
+    pools = {"p": pool_of(health_check={"enabled": False},
+                          activator={"enabled": True, "max_requests": 2, "timeout": 0.5})}
+    async with balancer(pools) as b, channel(b) as ch:
+        call = ch.unary_unary("/t.T/Unary")
+        held = [asyncio.ensure_future(call(b"x", timeout=10)) for _ in range(2)]
+        await until(lambda: b.held("p") == 2, what="two held requests")
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await call(b"x", timeout=10)
+        assert over.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "activator" in over.value.details()
+        for fut in held:
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await fut
+            assert late.value.code() is grpc.StatusCode.UNAVAILABLE and "no replica became ready" in late.value.details()
+        assert b.held("p") == 0
+
+
+async def test_a_cancelled_held_request_is_forgotten() -> None:
+    pools = {"p": pool_of(health_check={"enabled": False}, activator={"enabled": True, "timeout": 30})}
+    async with balancer(pools) as b, channel(b) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/t.T/Unary")(b"x", timeout=0.3)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await until(lambda: b.held("p") == 0, what="the held request to be forgotten")
+
+
+async def test_without_the_activator_an_empty_pool_fails_fast() -> None:
+    async with balancer({"p": pool_of(health_check={"enabled": False})}) as b, channel(b) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/t.T/Unary")(b"x", timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
