@@ -123,6 +123,12 @@ def histogram_quantile(q: float, cumulative: dict[float, float]) -> float | None
     return prev_le
 
 
+def quantiles_ms(cumulative: dict[float, float]) -> tuple[float | None, float | None]:
+    """(p50, p99) in ms of a histogram's buckets."""
+    p50, p99 = histogram_quantile(0.5, cumulative), histogram_quantile(0.99, cumulative)
+    return (None if p50 is None else p50 * 1e3), (None if p99 is None else p99 * 1e3)
+
+
 class Rates:
     """Counter deltas between scrapes of one source; None while there is no earlier reading or after a reset."""
 
@@ -153,6 +159,7 @@ class Reading:
     concurrency: float | None = None
     rps: float | None = None
     queue: float | None = None
+    p50_ms: float | None = None
     p99_ms: float | None = None
     service_s: float | None = None
     instances: int = 1
@@ -242,8 +249,7 @@ class MetricsSource:
             out.concurrency = outstanding
         delta = self._hist_delta("balancer", buckets(page, BAL_LATENCY, pool=pool))
         if delta is not None:
-            p99 = histogram_quantile(0.99, delta)
-            out.p99_ms = None if p99 is None else p99 * 1e3
+            out.p50_ms, out.p99_ms = quantiles_ms(delta)
 
     def _read_replicas(self, pages: dict[str, Series], now: float, ready: int, out: Reading) -> None:
         models = self.config.models
@@ -288,8 +294,7 @@ class MetricsSource:
         if out.concurrency is None:
             out.concurrency = scaled(conc) if conc else scaled(inflight)
         if out.p99_ms is None and have_hist and merged:
-            p99 = histogram_quantile(0.99, merged)
-            out.p99_ms = None if p99 is None else p99 * 1e3
+            out.p50_ms, out.p99_ms = quantiles_ms(merged)
 
     def sample(self, reading: Reading, now: float, replicas: int, ready: int) -> Sample:
         """The policy's view of this tick."""

@@ -128,3 +128,54 @@ def build_admin_app(b: Balancer) -> web.Application:
     app.router.add_post("/endpoints/undrain", set_drain(False))
     app.router.add_get("/pools/{pool}/demand", demand)
     return app
+
+
+class AdminClient:
+    """The client side of this API (the autoscaler's local actuator, ``modelyard up``)."""
+
+    def __init__(self, address: str, session: Any = None, timeout: float = 5.0) -> None:
+        import aiohttp
+
+        self.base = f"http://{address}"
+        self._session: aiohttp.ClientSession | None = session
+        self._own = session is None
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        async with self._session.request(method, self.base + path, json=body, timeout=self._timeout) as r:
+            data = await r.json(content_type=None)
+            if r.status >= 400:
+                raise RuntimeError(f"{method} {path}: HTTP {r.status}: {data.get('error') if isinstance(data, dict) else data}")
+            return data
+
+    async def add(self, pool: str, address: str, weight: float = 1.0) -> None:
+        await self._call("POST", "/endpoints", {"pool": pool, "address": address, "weight": weight})
+
+    async def drain(self, pool: str, address: str) -> None:
+        await self._call("POST", "/endpoints/drain", {"pool": pool, "address": address})
+
+    async def remove(self, pool: str, address: str) -> None:
+        await self._call("DELETE", "/endpoints", {"pool": pool, "address": address})
+
+    async def endpoints(self) -> list[dict[str, Any]]:
+        return list((await self._call("GET", "/endpoints"))["endpoints"])
+
+    async def demand(self, pool: str, wait: float) -> dict[str, Any]:
+        """Long-poll: returns once the pool holds a request, or after ``wait`` seconds."""
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        timeout = aiohttp.ClientTimeout(total=wait + 5.0)
+        async with self._session.get(f"{self.base}/pools/{pool}/demand", params={"wait": str(wait)},
+                                     timeout=timeout) as r:
+            return dict(await r.json())
+
+    async def close(self) -> None:
+        if self._own and self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, str] = {
     "serve": "modelyard.server.main",
     "balance": "modelyard.balancer.main",
+    "autoscale": "modelyard.autoscaler.main",
+    "up": "modelyard.autoscaler.up",
     "infer": "modelyard.clients.commands",
     "models": "modelyard.clients.commands",
     "health": "modelyard.clients.commands",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +15,7 @@ import numpy as np
 from rich.console import Console
 
 from modelyard.clients.aio import AsyncInferenceClient
-from modelyard.clients.bench import run_bench
+from modelyard.clients.bench import BenchReport, Segment, parse_profile, run_bench, run_open_loop
 from modelyard.clients.channel import DEFAULT_URL
 from modelyard.clients.client import InferenceClient
 from modelyard.clients.errors import InferenceServerError
@@ -194,21 +196,51 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- bench
-async def _bench(args: argparse.Namespace) -> int:
-    console = _console()
+def _profile_of(args: argparse.Namespace) -> list[Segment] | None:
+    """The open-loop schedule from --rate/--profile (None: closed loop)."""
+    if args.profile:
+        try:
+            return parse_profile(args.profile)
+        except ValueError as exc:
+            raise InputError(f"--profile: {exc}") from None
+    if args.rate is not None:
+        return [Segment(args.rate, args.rate, args.duration or 10.0)]
+    return None
+
+
+async def _bench(args: argparse.Namespace) -> BenchReport:
+    profile = _profile_of(args)
     async with AsyncInferenceClient(args.url, ssl=args.ssl, token=args.token) as client:
         metadata = await client.model_metadata(args.model, args.version, timeout=args.timeout)
         inputs = _build_inputs(args, metadata)
-        requests = args.requests if args.requests is not None or args.duration is not None else 1000
-        report = await run_bench(
-            client, args.model, inputs, concurrency=args.concurrency, requests=requests,
-            duration=args.duration, version=args.version, request_timeout=args.timeout,
-        )
-    if args.json:
-        print_json(report.as_dict())
-    else:
-        console.print(bench_table(report))
-    return EXIT_OK if report.count > report.error_count else EXIT_FAILED
+        if profile is not None:
+            report = await _open_loop(args, client, inputs, profile)
+        else:
+            requests = args.requests if args.requests is not None or args.duration is not None else 1000
+            report = await run_bench(
+                client, args.model, inputs, concurrency=args.concurrency, requests=requests,
+                duration=args.duration, version=args.version, request_timeout=args.timeout,
+            )
+    return report
+
+
+async def _open_loop(args: argparse.Namespace, client: AsyncInferenceClient, inputs: dict[str, Any],
+                     profile: list[Segment]) -> BenchReport:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = sum(seg.seconds for seg in profile)
+    text = args.profile or f"{args.rate:g}:{total:g}"
+    # the bar goes to stderr so that --json stays parseable on stdout
+    with Progress(TextColumn("[bold]open loop[/] {task.description}"), BarColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True, disable=args.no_progress) as bar:
+        task = bar.add_task(text, total=total)
+
+        def progress(elapsed: float, sent: int, answered: int) -> None:
+            bar.update(task, completed=elapsed, description=f"{text}  sent {sent}  answered {answered}")
+
+        return await run_open_loop(client, args.model, inputs, profile, version=args.version,
+                                   request_timeout=args.timeout, max_inflight=args.max_inflight,
+                                   profile_text=text, on_progress=progress)
 
 
 @_guarded
@@ -220,7 +252,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InputError("-n/--requests must be at least 1")
     if args.duration is not None and args.duration <= 0:
         raise InputError("--duration must be positive")
-    return asyncio.run(_bench(args))
+    if args.rate is not None and args.rate <= 0:
+        raise InputError("--rate must be positive")
+    if args.max_inflight < 1:
+        raise InputError("--max-inflight must be at least 1")
+    report = asyncio.run(_bench(args))
+    if args.timeline:
+        Path(args.timeline).write_text(json.dumps(report.as_dict(), indent=1))
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        _console().print(bench_table(report))
+    return EXIT_OK if report.count > report.error_count else EXIT_FAILED
 
 
 # ---------------------------------------------------------------------- registration
@@ -260,15 +303,24 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_health)
 
     p = subparsers.add_parser(
-        "bench", help="closed-loop load test: throughput and latency percentiles",
-        description="Send requests from CONCURRENCY workers, each sending its next request as soon as the "
-                    "previous one returns, until -n requests were sent or --duration passed "
-                    "(default: 1000 requests).",
+        "bench", help="load test (closed loop, or open loop at a rate or profile): throughput and latency percentiles",
+        description="Closed loop (default): CONCURRENCY workers, each sending its next request as soon as the "
+                    "previous one returns, until -n requests were sent or --duration passed (default: 1000 "
+                    "requests). Open loop (--rate or --profile): requests leave on a schedule whatever the answers "
+                    "do; --profile 50:10,200:20,20..200:30 is 50 req/s for 10 s, 200 for 20 s, then a ramp.",
     )
     _add_input_flags(p)
-    p.add_argument("-c", "--concurrency", type=int, default=1, help="requests in flight at once (default 1)")
-    p.add_argument("-n", "--requests", type=int, default=None, help="stop after this many requests")
-    p.add_argument("--duration", type=float, default=None, metavar="S", help="stop after this many seconds")
+    p.add_argument("-c", "--concurrency", type=int, default=1, help="closed loop: requests in flight at once (default 1)")
+    p.add_argument("-n", "--requests", type=int, default=None, help="closed loop: stop after this many requests")
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="stop after this many seconds (with --rate: how long to send, default 10)")
+    p.add_argument("--rate", type=float, default=None, metavar="RPS", help="open loop at a constant rate (req/s)")
+    p.add_argument("--profile", default=None, metavar="STEPS",
+                   help="open loop on a schedule: RATE:SECONDS steps and RATE1..RATE2:SECONDS ramps, comma-separated")
+    p.add_argument("--max-inflight", type=int, default=2000,
+                   help="open loop: most requests outstanding; beyond it they count as CLIENT_OVERLOADED (default 2000)")
+    p.add_argument("--timeline", metavar="FILE", help="write the report, with the per-second timeline, as JSON to FILE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (open loop)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_connection_flags(p)
     p.set_defaults(func=cmd_bench)

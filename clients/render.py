@@ -106,7 +106,8 @@ def health_table(models: Sequence[tuple[str, bool, str]]) -> Table:
 
 
 def bench_table(report: BenchReport) -> Table:
-    table = Table(title=f"bench {report.model}: concurrency {report.concurrency}", title_justify="left")
+    how = f"open loop {report.profile}" if report.profile else f"concurrency {report.concurrency}"
+    table = Table(title=f"bench {report.model}: {how}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("requests", str(report.count))

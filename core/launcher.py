@@ -227,6 +227,10 @@ class Process:
         out = "".join(list(self.output)[-lines:])
         return err + (("--- stdout ---\n" + out) if out else "")
 
+    def detach(self) -> None:
+        """Let the process outlive this interpreter (it is no longer stopped at exit)."""
+        _LIVE.discard(self)
+
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process (not its group)."""
         if self.alive():
