@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +91,57 @@ def server_cls() -> type[ServerProcess]:
     """The ServerProcess class, for module-scoped fixtures that start their own server
     (test modules cannot import conftest under --import-mode=importlib)."""
     return ServerProcess
+
+
+# ------------------------------------------------------------------ a real Kubernetes API server
+
+K8S_DIR = Path(os.environ.get("MODELYARD_K8S_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "k8s"))
+
+
+@dataclass(frozen=True)
+class KubeAPI:
+    """A running kube-apiserver (+ etcd) on loopback: where it listens and how to be its admin."""
+
+    url: str
+    token: str
+    kubeconfig: str
+    run_dir: Path
+
+    def pid(self, name: str = "kube-apiserver") -> int:
+        return int((self.run_dir / f"{name}.pid").read_text())
+
+    def kubeconfig_for(self, token: str, path: Path) -> str:
+        """A kubeconfig file that authenticates with ``token`` (e.g. a ServiceAccount's)."""
+        path.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: local, cluster: {{server: '{self.url}', insecure-skip-tls-verify: true}}}}]\n"
+            f"users: [{{name: u, user: {{token: '{token}'}}}}]\n"
+            "contexts: [{name: c, context: {cluster: local, user: u}}]\ncurrent-context: c\n")
+        return str(path)
+
+
+@pytest.fixture(scope="session")
+def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPI]:
+    """kube-apiserver v1.20.2 + etcd from ../shared/k8s (skipped where that folder is absent)."""
+    script = K8S_DIR / "start-apiserver.sh"
+    if not script.exists():
+        pytest.skip(f"no Kubernetes API server here: {script} is absent (set MODELYARD_K8S_DIR to its folder)")
+    run_dir = tmp_path_factory.mktemp("kube")
+    done = subprocess.run(["bash", str(script), str(run_dir)], capture_output=True, text=True, timeout=240,
+                          check=False)
+    try:
+        if done.returncode != 0:
+            pytest.fail(f"start-apiserver.sh failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        env = dict(line.split("=", 1) for line in (run_dir / "env").read_text().split())
+        yield KubeAPI(f"https://127.0.0.1:{env['API_PORT']}", env["TOKEN"], env["KUBECONFIG"], run_dir)
+    finally:
+        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+            pidfile = run_dir / f"{name}.pid"
+            if pidfile.exists():
+                pid = int(pidfile.read_text())
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)  # a test may have stopped it
+                    os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
