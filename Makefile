@@ -12,7 +12,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q -e '.[test,dev,demo]'
 	touch $@
 
 venv install: $(STAMP)
@@ -43,8 +43,10 @@ install-torch: .torch
 
 bench-setup: .peers .torch .venv-mlserver/bin/mlserver
 
+# The local stack (balancer, autoscaled replicas in two pools) on the built-in demo models: a tour through
+# the balancer, then stepped traffic the autoscaler follows; a summary and modelyard-demo.png at the end.
 demo: $(STAMP)
-	$(BIN)/python -m modelyard.clients.demo
+	$(BIN)/modelyard up --demo
 
 test: $(STAMP) .peers .torch
 	$(BIN)/python -m pytest -q -ra

@@ -32,7 +32,7 @@ import yaml
 from modelyard.autoscaler.config import SOURCE as AUTOSCALE_SOURCE
 from modelyard.autoscaler.config import AutoscaleConfig
 from modelyard.autoscaler.policy import PolicyConfig
-from modelyard.config import Check, ConfigError, load, read_yaml, to_dict
+from modelyard.config import Check, ConfigError, load, override, read_yaml, to_dict
 from modelyard.launcher import BalancerProcess, Process, modelyard_argv, print_ready
 
 log = logging.getLogger("modelyard.up")
@@ -122,10 +122,6 @@ traffic:
 """
 
 
-def default_stack() -> StackConfig:
-    return load(StackConfig, yaml.safe_load(DEFAULT_STACK), source="built-in stack")
-
-
 def balancer_document(cfg: StackConfig) -> dict[str, Any]:
     """The ``modelyard balance`` config of a stack: one pool per stack pool, routes by model name."""
     first = next(iter(cfg.pools))
@@ -196,7 +192,7 @@ class Stack:
         deadline = time.monotonic() + ready_timeout
         while True:
             st = self.daemon.status()
-            if all(p["ready"] >= max(1, self.cfg.pools[n].policy.min_replicas) for n, p in st.items()):
+            if all(p["ready"] >= self.cfg.pools[n].policy.min_replicas for n, p in st.items()):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"replicas not ready after {ready_timeout:.0f}s: "
@@ -240,8 +236,8 @@ class Stack:
             await self.daemon.close(stop_replicas=True)
 
 
-async def run(cfg: StackConfig, *, traffic: list[Traffic], view: bool,
-              exit_after_traffic: bool) -> tuple[int, Stack, Timeline]:
+async def run(cfg: StackConfig, *, traffic: list[Traffic], view: bool, exit_after_traffic: bool,
+              tour: bool = False) -> tuple[int, Stack, Timeline]:
     """Start the stack, show it until Ctrl-C (or the traffic ends), stop it; (exit code, stack, timeline)."""
     stack = Stack(cfg)
     stop = asyncio.Event()
@@ -260,6 +256,14 @@ async def run(cfg: StackConfig, *, traffic: list[Traffic], view: bool,
         print_ready(grpc=stack.grpc, admin=stack.admin,
                     autoscaler=f"{cfg.autoscaler_admin.rpartition(':')[0]}:{stack.daemon.admin_port}"
                     if cfg.autoscaler_admin and stack.daemon.admin_port else None, pools=",".join(cfg.pools))
+        if tour:
+            from modelyard.clients.demo import demo_steps, run_steps
+
+            failed = await loop.run_in_executor(None, run_steps, demo_steps(stack.grpc, stack.admin))
+            if failed:
+                print(f"\ndemo: {len(failed)} tour step(s) failed: {'; '.join(failed)}", file=sys.stderr)
+                return 1, stack, timeline
+            print("\n=== stepped traffic through the balancer; the autoscaler follows it", flush=True)
         if traffic:
             stack.start_traffic(traffic, workdir)
         total = max((sum(s.seconds for s in _segments(t.profile)) for t in traffic), default=0.0)
@@ -393,6 +397,9 @@ def register(subparsers: Any) -> None:
                    "modelyard-demo.png)")
     p.add_argument("--timeline", metavar="JSON", help="with traffic: write the per-second timeline and reports here")
     p.add_argument("--no-view", action="store_true", help="no live terminal view (plain status lines on stderr)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="the balancer's gRPC address (overrides the config; :0 = any free port)")
+    p.add_argument("--balancer-admin", metavar="HOST:PORT", help="the balancer's admin address (overrides the config)")
+    p.add_argument("--autoscaler-admin", metavar="HOST:PORT", help="the autoscaler's /metrics address (overrides the config)")
     p.add_argument("--print-config", action="store_true", help="print the effective stack config as YAML and exit")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING; the view shows decisions)")
     p.set_defaults(func=main)
@@ -402,7 +409,12 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load(StackConfig, read_yaml(args.config, SOURCE), source=SOURCE) if args.config else default_stack()
+        data = read_yaml(args.config, SOURCE) if args.config else yaml.safe_load(DEFAULT_STACK)
+        if not isinstance(data, dict):
+            raise ConfigError(["<root>: expected a mapping"], SOURCE)
+        data = override(data, {"listen": args.listen, "balancer_admin": args.balancer_admin,
+                               "autoscaler_admin": args.autoscaler_admin})
+        cfg = load(StackConfig, data, source=SOURCE)
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return 2
@@ -418,7 +430,8 @@ def main(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    code, stack, timeline = asyncio.run(run(cfg, traffic=traffic, view=view, exit_after_traffic=args.demo))
+    code, stack, timeline = asyncio.run(run(cfg, traffic=traffic, view=view, exit_after_traffic=args.demo,
+                                            tour=args.demo))
     if code == 0 and traffic:
         code = report_traffic(stack, timeline, plot, Path(args.timeline) if args.timeline else None)
     return code

@@ -73,11 +73,15 @@ class Replica:
     started_at: float = 0.0
     ready_at: float | None = None
     task: asyncio.Task[Any] | None = None
+    #: where the start time went (s): until the ready line, until SERVING, until added to the balancer;
+    #: and the model load and warmup the replica reported (inside the first)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def view(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "grpc": self.grpc, "http": self.http,
                 "pid": self.process.pid if self.process else None,
-                "start_s": round(self.ready_at - self.started_at, 2) if self.ready_at else None}
+                "start_s": round(self.ready_at - self.started_at, 2) if self.ready_at else None,
+                "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
 async def wait_serving(address: str, deadline: float) -> None:
@@ -96,6 +100,19 @@ async def wait_serving(address: str, deadline: float) -> None:
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             await asyncio.sleep(0.05)
+
+
+async def model_load_timings(http: str) -> dict[str, float]:
+    """``model_load_s`` and ``warmup_s`` (summed over models) from a replica's /metrics."""
+    import aiohttp
+
+    from modelyard.autoscaler.metrics import parse_metrics, total
+
+    async with aiohttp.ClientSession() as s, s.get(f"http://{http}/metrics",
+                                                   timeout=aiohttp.ClientTimeout(total=2)) as r:
+        page = parse_metrics(await r.text())
+    return {"model_load_s": total(page, "modelyard_model_load_seconds"),
+            "warmup_s": total(page, "modelyard_model_warmup_seconds")}
 
 
 class LocalActuator:
@@ -194,8 +211,11 @@ class LocalActuator:
             endpoints = await loop.run_in_executor(None, proc.start)
             assert endpoints is not None
             r.grpc, r.http = endpoints.grpc, endpoints.http
+            r.timings["ready_line_s"] = time.monotonic() - r.started_at
             await wait_serving(r.grpc, r.started_at + cfg.start_timeout)
+            r.timings["serving_s"] = time.monotonic() - r.started_at
             await self.admin.add(self.balancer_pool, r.grpc)
+            r.timings["added_s"] = time.monotonic() - r.started_at
         except asyncio.CancelledError:
             if r.grpc:  # it may have been added just now
                 with contextlib.suppress(Exception):
@@ -216,6 +236,8 @@ class LocalActuator:
             return
         r.state = READY
         r.ready_at = time.monotonic()
+        with contextlib.suppress(Exception):  # the replica's own account of its model load and warmup
+            r.timings.update(await model_load_timings(r.http))
         log.info("pool %s: replica %s ready at %s (%.2fs)", self.pool, r.name, r.grpc, r.ready_at - r.started_at)
         self.on_event(f"{r.name} ready in {r.ready_at - r.started_at:.1f}s")
 

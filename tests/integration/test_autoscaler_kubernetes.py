@@ -19,9 +19,9 @@ from aiohttp import web
 
 pytest.importorskip("kubernetes_asyncio")
 
-from kubernetes_asyncio import client, config  # noqa: E402
+from kubernetes_asyncio import client, config
 
-from modelyard.autoscaler.actuators.kubernetes import MAX_ANNOTATION, KubernetesActuator, KubernetesConfig  # noqa: E402
+from modelyard.autoscaler.actuators.kubernetes import MAX_ANNOTATION, KubernetesActuator, KubernetesConfig
 
 pytestmark = pytest.mark.slow
 

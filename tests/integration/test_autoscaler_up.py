@@ -173,3 +173,46 @@ def test_autoscale_daemon_holds_when_metrics_are_down_and_leaves_replicas_on_sig
             for pid in replicas:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_scale_from_zero_holds_the_first_request_until_a_replica_is_ready_then_returns_to_zero(
+        tmp_path: Path) -> None:
+    import urllib.request
+
+    import grpc
+
+    from modelyard.protos import grpc_service_pb2 as pb
+
+    doc = {"listen": "127.0.0.1:0", "balancer_admin": "127.0.0.1:0", "autoscaler_admin": "127.0.0.1:0", "tick": 0.5,
+           "pools": {"tools": {"models": ["identity"], "policy": {
+               "min_replicas": 0, "scale_to_zero": True, "scale_to_zero_grace": 3, "max_replicas": 2,
+               "stable_window": 4, "panic_window": 2}}}}
+    up = Process(modelyard_argv("up", "--config", str(write(tmp_path, doc)), "--no-view"), name="up",
+                 start_timeout=60)
+
+    def status() -> dict[str, Any]:
+        assert up.endpoints is not None
+        with urllib.request.urlopen(f"http://{up.endpoints.fields['autoscaler']}/status", timeout=5) as r:
+            return dict(json.loads(r.read())["tools"])
+
+    with up:
+        assert up.endpoints is not None
+        assert status()["replicas"] == 0
+        req = pb.ModelInferRequest(model_name="identity")
+        req.inputs.add(name="INPUT0", datatype="INT32", shape=[1])
+        req.raw_input_contents.append((7).to_bytes(4, "little"))
+        t0 = time.monotonic()
+        with grpc.insecure_channel(up.endpoints.grpc) as ch:
+            resp = pb.ModelInferResponse.FromString(
+                ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")(req.SerializeToString(), timeout=20))
+        first = time.monotonic() - t0
+        assert resp.raw_output_contents[0] == (7).to_bytes(4, "little")
+        assert first < 10, f"first request took {first:.2f}s"
+        assert status()["ready"] == 1
+        deadline = time.monotonic() + 40
+        while status()["replicas"] != 0:
+            assert time.monotonic() < deadline, "the idle pool did not return to zero"
+            time.sleep(0.2)
+        kinds = [d["kind"] for d in status()["decisions"]]
+        assert kinds[0] in ("activation", "scale_up") and "scale_to_zero" in kinds, kinds

@@ -1,25 +1,24 @@
-"""``make demo`` end to end: it must pass and leave nothing running."""
+"""``make demo`` end to end (``modelyard up --demo`` on the built-in stack): it must pass and leave nothing running."""
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
-import sys
 
 import pytest
 
+from modelyard.launcher import modelyard_argv
 
-def test_demo_runs_every_step_and_exits_zero() -> None:
+
+@pytest.mark.slow
+def test_demo_runs_the_tour_and_the_stepped_traffic_and_exits_zero(tmp_path) -> None:  # type: ignore[no-untyped-def]
     done = subprocess.run(
-        [sys.executable, "-m", "modelyard.clients.demo"], capture_output=True, text=True, timeout=120, check=False
-    )
+        modelyard_argv("up", "--demo", "--no-view", "--listen", "127.0.0.1:0", "--balancer-admin", "127.0.0.1:0",
+                       "--autoscaler-admin", "127.0.0.1:0"),
+        capture_output=True, text=True, timeout=240, check=False, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for shown in ("modelyard health", "modelyard models", "modelyard infer add_sub", "modelyard infer text_sentiment_demo",
-                  "modelyard infer token_stream_demo --stream", "modelyard bench identity", "curl -s -X POST"):
+                  "modelyard infer token_stream_demo --stream", "modelyard bench identity", "curl -s http"):
         assert shown in done.stdout
-    assert "demo: all steps passed" in done.stdout
-    assert "server stopped (exit status 0)" in done.stdout
-    pid = int(re.search(r"server ready \(pid (\d+)\)", done.stdout).group(1))  # type: ignore[union-attr]
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # the server was reaped: not even a zombie is left
+    assert "no request failed" in done.stdout
+    assert "pool text" in done.stdout and (tmp_path / "modelyard-demo.png").exists()
+    assert "max 1 " not in done.stdout.split("pool text", 1)[1].splitlines()[0]  # the text pool scaled out
