@@ -150,7 +150,6 @@ class Autoscaler:
         decision = runner.policy.decide(list(runner.samples), now)
         previous = runner.last
         runner.last = decision
-        runner.decisions.append((time.time(), decision))
         mode = runner.scaling.policy.mode
         m.desired.labels(name).set(decision.desired)
         m.replicas.labels(name).set(replicas)
@@ -164,6 +163,7 @@ class Autoscaler:
             m.failed_starts.labels(name).set(failed)
         changed = decision.desired != replicas
         if changed or (previous is not None and previous.panic != decision.panic):
+            runner.decisions.append((time.time(), decision))
             log.info("pool %s: %s replicas %d -> %d (ready %d): %s", name, decision.kind, replicas,
                      decision.desired, ready, decision.reason)
             runner.event(f"{decision.kind}: {replicas} -> {decision.desired}")
@@ -245,7 +245,7 @@ class Autoscaler:
                          "held": rd.held, "missing": rd.missing} if rd else {},
                 "replica_list": r.actuator.view(),
                 "decisions": [{"time": t, "desired": x.desired, "kind": x.kind, "reason": x.reason}
-                              for t, x in r.decisions if x.kind not in ("hold", "tolerance")],
+                              for t, x in r.decisions],
                 "events": [{"time": t, "text": x} for t, x in r.events],
             }
         return out

@@ -75,6 +75,8 @@ class PolicyConfig:
     slo_p99_ms: float = 100.0
     #: slo mode: never plan a replica busier than this share of its time
     slo_max_utilization: float = 0.9
+    #: slo mode: scale down only while the measured p99 is below this share of the target (hysteresis)
+    slo_scale_down_headroom: float = 0.7
 
     def validate(self, check: Check) -> None:
         check(self.target > 0, "target", f"must be > 0, got {self.target}")
@@ -93,6 +95,7 @@ class PolicyConfig:
         check(self.scale_to_zero_grace >= 0, "scale_to_zero_grace", "must be >= 0")
         check(self.slo_p99_ms > 0, "slo_p99_ms", "must be > 0")
         check(0 < self.slo_max_utilization < 1, "slo_max_utilization", "must be within (0, 1)")
+        check(0 < self.slo_scale_down_headroom <= 1, "slo_scale_down_headroom", "must be within (0, 1]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,20 +136,33 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def slo_replicas(rps: float, service_s: float, instances: int, p99_target_s: float,
-                 max_utilization: float) -> tuple[int, float, bool]:
+                 max_utilization: float, calibration: float = 1.0) -> tuple[int, float, bool]:
     """Fewest replicas that keep the p99 under ``p99_target_s`` at ``rps``: ``(replicas, utilization, reachable)``.
 
     The offered work is ``rps x service_s`` busy-seconds per second (the utilization law,
     Little's law applied to the busy instances); a replica has ``instances`` of capacity. For a
     queue with exponential service, p99 of the time in system is ``ln(100) x S / (1 - rho)``, so the
-    target allows a utilization of at most ``1 - ln(100) x S / T``. ``reachable`` is False when the
+    target allows a utilization of at most ``1 - ln(100) x S / T``. Real servers are not M/M/1
+    (batching, steadier service times, proxy hops): ``calibration`` is measured p99 over that
+    prediction (see :class:`Policy`), and scales the queueing term. ``reachable`` is False when the
     service time alone breaks the target (then the utilization floor of 5% is planned).
     """
-    allowed = 1.0 - LN100 * service_s / p99_target_s
+    allowed = 1.0 - calibration * LN100 * service_s / p99_target_s
     reachable = allowed > 0.05
     rho = min(max(allowed, 0.05), max_utilization)
     work = rps * service_s
     return max(0, math.ceil(work / (instances * rho) - 1e-9)), rho, reachable
+
+
+@dataclass(frozen=True, slots=True)
+class Desire:
+    """Replicas wanted for a window's load: ``want`` (what is asked), ``exact`` (unrounded, for the panic
+    and tolerance tests), ``how`` (the sentence); ``forced`` when measured latency overrode the sizing."""
+
+    want: int
+    exact: float
+    how: str
+    forced: bool = False
 
 
 class Policy:
@@ -158,6 +174,8 @@ class Policy:
         self._panic_since = -math.inf
         self._max_panic = 0
         self._last_traffic = -math.inf
+        #: slo mode: measured p99 over the M/M/1 prediction at the measured utilization, smoothed
+        self._slo_calibration = 1.0
         #: (time, desire) of recent decisions, for the scale-down delay
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -176,11 +194,11 @@ class Policy:
         # concurrency: what is held at the balancer is in flight too (it waits for a replica)
         return _mean([None if s.concurrency is None else s.concurrency + s.held for s in window])
 
-    def _desire(self, window: Sequence[Sample], observed: float | None, ready: int) -> tuple[int | None, str]:
-        """Replicas wanted for ``observed``; the text says how it was sized."""
+    def _desire(self, window: Sequence[Sample], observed: float | None, ready: int) -> Desire | None:
+        """Replicas wanted for ``observed``: rounded, unrounded, and how it was sized."""
         c = self.config
         if observed is None:
-            return None, ""
+            return None
         if c.mode == "slo":
             service = _mean([s.service_s for s in window])
             instances = max(1, window[-1].instances)
@@ -189,31 +207,41 @@ class Policy:
                 # no utilization data yet: size on concurrency (Little's law: L = rps x latency)
                 conc = _mean([s.concurrency for s in window])
                 if conc is None:
-                    return None, ""
-                return math.ceil(conc / self._per_replica() - 1e-9), \
-                    f"slo: no service time measured yet, concurrency {conc:.1f} sized at {self._per_replica():g}/replica"
-            n, rho, reachable = slo_replicas(observed, service, instances, c.slo_p99_ms / 1e3, c.slo_max_utilization)
+                    return None
+                exact = conc / self._per_replica()
+                return Desire(math.ceil(exact - 1e-9), exact, f"slo: no service time measured yet, concurrency "
+                              f"{conc:.1f} sized at {self._per_replica():g}/replica")
+            n, rho, reachable = slo_replicas(observed, service, instances, c.slo_p99_ms / 1e3, c.slo_max_utilization,
+                                             self._slo_calibration)
+            exact = observed * service / (instances * rho)
             text = (f"slo: {observed:.1f} req/s x {service * 1e3:.1f} ms service time over {instances} instance(s) "
-                    f"at <= {rho:.0%} busy for p99 < {c.slo_p99_ms:g} ms")
+                    f"at <= {rho:.0%} busy for p99 < {c.slo_p99_ms:g} ms (queueing x{self._slo_calibration:.2f})")
             if not reachable:
                 text += " (unreachable: the service time alone exceeds it)"
             if p99 is not None and p99 > c.slo_p99_ms and n <= ready:
                 # the queueing model is approximate (batching, bursts): measured latency overrides it
-                n = ready + 1
-                text += f"; measured p99 {p99:.1f} ms is over target: one more"
-            return n, text
+                return Desire(ready + 1, exact, text + f"; measured p99 {p99:.1f} ms is over target: one more", True)
+            if n < ready and (p99 is None or p99 > c.slo_p99_ms * c.slo_scale_down_headroom):
+                # fewer replicas only with measured headroom, or the model and the pool take turns
+                return Desire(ready, exact, text + f"; holding {ready}: measured p99 "
+                              f"{'unknown' if p99 is None else f'{p99:.1f} ms'} is not below "
+                              f"{c.slo_scale_down_headroom:.0%} of the target", True)
+            return Desire(n, exact, text)
         per = self._per_replica()
         unit = {"concurrency": "in flight", "rps": "req/s", "queue": "queued"}[c.mode]
-        return math.ceil(observed / per - 1e-9), f"{c.mode} {observed:.1f} {unit} at {per:g}/replica"
+        exact = observed / per
+        return Desire(math.ceil(exact - 1e-9), exact, f"{c.mode} {observed:.1f} {unit} at {per:g}/replica")
 
-    def _ratio(self, observed: float | None, window: Sequence[Sample], ready: int) -> float | None:
-        """Load over what ``ready`` replicas are sized for (unrounded)."""
-        if observed is None or not window:
-            return None
-        if self.config.mode == "slo":
-            want, _ = self._desire(window, observed, ready)
-            return None if want is None else want / ready
-        return observed / self._per_replica() / ready
+    def _calibrate(self, sample: Sample) -> None:
+        """slo mode: learn how far the queueing model is from this pool's measured p99 (one sample per tick)."""
+        if sample.rps is None or sample.service_s is None or sample.p99_ms is None or sample.ready < 1:
+            return
+        rho = sample.rps * sample.service_s / (sample.ready * max(1, sample.instances))
+        if not 0.05 <= rho < 0.95 or sample.service_s <= 0:
+            return  # nearly idle or saturated: the ratio says nothing
+        predicted_ms = LN100 * sample.service_s / (1.0 - rho) * 1e3
+        observed = min(max(sample.p99_ms / predicted_ms, 0.1), 5.0)
+        self._slo_calibration += 0.2 * (observed - self._slo_calibration)
 
     # ------------------------------------------------------------------ the decision
 
@@ -230,6 +258,8 @@ class Policy:
         if any((s.rps or 0) > 0 or (s.concurrency or 0) > 0 or s.held > 0 or (s.queue or 0) > 0 for s in panic_w):
             self._last_traffic = now
         held = last.held
+        if c.mode == "slo":
+            self._calibrate(last)
         obs_stable = self._observed(stable)
         if obs_stable is None:
             if held and current == 0:
@@ -237,15 +267,15 @@ class Policy:
                                     current)
             return Decision(current, f"no metrics in the last {c.stable_window:g}s: holding {current} replica(s)",
                             self.panic, "no_data", None)
-        want_stable, how_stable = self._desire(stable, obs_stable, ready)
-        obs_panic = self._observed(panic_w)
-        want_panic, how_panic = self._desire(panic_w, obs_panic, ready) if panic_w else (None, "")
-        assert want_stable is not None
+        des_stable = self._desire(stable, obs_stable, ready)
+        if des_stable is None:
+            return Decision(current, f"no usable metrics in the last {c.stable_window:g}s: holding {current} "
+                            "replica(s)", self.panic, "no_data", obs_stable)
+        des_panic = self._desire(panic_w, self._observed(panic_w), ready) if panic_w else None
 
         # panic mode (KPA): bursts are followed at once and never answered with a scale-down; the
         # threshold compares the unrounded desire (KPA's observed panic value / target)
-        panic_ratio = self._ratio(obs_panic, panic_w, ready)
-        if want_panic is not None and panic_ratio is not None and panic_ratio >= c.panic_threshold:
+        if des_panic is not None and des_panic.exact / ready >= c.panic_threshold:
             if not self.panic:
                 self._max_panic = current
             self.panic = True
@@ -255,16 +285,15 @@ class Policy:
             self._max_panic = 0
 
         if self.panic:
-            want = max(want_panic if want_panic is not None else want_stable, current, self._max_panic)
+            want = max(des_panic.want if des_panic is not None else des_stable.want, current, self._max_panic)
             self._max_panic = want
-            kind, text = "panic", f"panic: {how_panic or how_stable} over {c.panic_window:g}s"
+            kind = "panic"
+            text = f"panic: {(des_panic or des_stable).how} over {c.panic_window:g}s"
         else:
-            want, kind, text = want_stable, "", f"{how_stable} over {c.stable_window:g}s"
-            if c.mode != "slo" and current > 0:
-                ratio = obs_stable / (current * self._per_replica())
-                if abs(ratio - 1.0) <= c.tolerance:
-                    want, kind = current, "tolerance"
-                    text += f" is within {c.tolerance:.0%} of {current} replica(s)"
+            want, kind, text = des_stable.want, "", f"{des_stable.how} over {c.stable_window:g}s"
+            if current > 0 and not des_stable.forced and abs(des_stable.exact / current - 1.0) <= c.tolerance:
+                want, kind = current, "tolerance"
+                text += f" is within {c.tolerance:.0%} of {current} replica(s)"
 
         # rate limits (relative to ready replicas, at least one)
         up_limit = math.ceil(c.max_scale_up_rate * ready)

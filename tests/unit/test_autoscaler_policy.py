@@ -165,13 +165,19 @@ def test_slo_sizing_follows_littles_law_and_the_p99_target() -> None:
     assert slo_replicas(10.0, 0.030, 1, 0.100, 0.9)[2] is False
 
 
-def test_slo_mode_adds_a_replica_when_the_measured_p99_breaks_the_target() -> None:
+def test_slo_mode_calibrates_the_queueing_model_on_the_measured_p99() -> None:
     cfg = replace(CFG, mode="slo", slo_p99_ms=100.0, panic_threshold=1000.0)
-    fields = {"rps": 100.0, "service_s": 0.010, "p99_ms": 80.0}
-    _, decisions = run(cfg, lambda t: fields, until=59, replicas=2, follow=False)
+    # 60 req/s x 10 ms on 2 replicas: 30% busy, M/M/1 predicts p99 = ln(100) x 10 ms / 0.7 = 66 ms
+    steady = {"rps": 60.0, "service_s": 0.010}
+    # measured as predicted: 0.6 busy instances need two replicas to stay at <= 54% busy
+    _, decisions = run(cfg, lambda t: {**steady, "p99_ms": 66.0}, until=59, replicas=2, follow=False)
     assert last(decisions).desired == 2
-    _, decisions = run(cfg, lambda t: {**fields, "p99_ms": 150.0}, until=59, replicas=2, follow=False)
-    assert last(decisions).desired == 3 and "over target" in last(decisions).reason
+    # measured far better than predicted (steady service times): the model learns it, one replica will do
+    policy, decisions = run(cfg, lambda t: {**steady, "p99_ms": 15.0}, until=59, replicas=2, follow=False)
+    assert last(decisions).desired == 1 and policy._slo_calibration < 0.4
+    # measured worse than the target at the current scale: more, whatever the model says
+    _, decisions = run(cfg, lambda t: {**steady, "p99_ms": 150.0}, until=59, replicas=2, follow=False)
+    assert last(decisions).desired >= 3
 
 
 def test_slo_mode_falls_back_to_concurrency_until_service_time_is_measured() -> None:
@@ -188,3 +194,19 @@ def test_every_knob_is_validated_with_its_name() -> None:
     for needle in ("target: must be > 0", "panic_window: must be within", "min_replicas: may be 0 only",
                    "max_replicas: must be >=", "mode: must be one of", "tolerance: must be within"):
         assert needle in text
+
+
+def test_slo_mode_does_not_flap_on_the_boundary_of_a_replica() -> None:
+    # 240 req/s x 15 ms = 3.6 busy instances; at 90% busy that is 4.0 replicas, give or take the noise
+    cfg = replace(CFG, mode="slo", panic_threshold=1000.0, slo_max_utilization=0.9)
+    for service in (0.0149, 0.0151):
+        _, decisions = run(cfg, lambda t, s=service: {"rps": 240.0, "service_s": s, "p99_ms": 50.0},
+                           until=59, replicas=4, follow=False)
+        assert last(decisions).desired == 4, last(decisions).reason
+
+
+def test_slo_mode_scales_down_only_with_measured_headroom() -> None:
+    cfg = replace(CFG, mode="slo", panic_threshold=1000.0)
+    fields = {"rps": 60.0, "service_s": 0.010}
+    _, decisions = run(cfg, lambda t: {**fields, "p99_ms": 80.0}, until=59, replicas=4, follow=False)
+    assert last(decisions).desired == 4 and "not below 70%" in last(decisions).reason
