@@ -391,7 +391,8 @@ def register(subparsers: Any) -> None:
         "which stops every process.")
     p.add_argument("--config", metavar="FILE", help="stack YAML (listen, balancer_admin, pools, traffic); default: built-in")
     p.add_argument("--demo", action="store_true",
-                   help="send the config's traffic profiles, then print a summary, write a PNG and exit")
+                   help="(built-in stack: a tour of CLI calls through the balancer, then) send the config's traffic "
+                        "profiles, print a summary, write a PNG and exit")
     p.add_argument("--traffic", action="store_true", help="send the config's traffic profiles (keeps running after)")
     p.add_argument("--plot", metavar="PNG", help="with traffic: where to write the plot (default with --demo: "
                    "modelyard-demo.png)")
@@ -430,8 +431,9 @@ def main(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
+    # the tour calls the built-in demo models: only with the built-in stack
     code, stack, timeline = asyncio.run(run(cfg, traffic=traffic, view=view, exit_after_traffic=args.demo,
-                                            tour=args.demo))
+                                            tour=args.demo and not args.config))
     if code == 0 and traffic:
         code = report_traffic(stack, timeline, plot, Path(args.timeline) if args.timeline else None)
     return code

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import tempfile
@@ -83,7 +84,7 @@ def analyse(run: dict[str, Any], warm_s: float, plateau_s: float) -> dict[str, A
     decided = next((s["t"] for s in samples if s["t"] >= step and (s["desired"] or 0) > 1), None)
     enough = next((s["t"] for s in samples if s["t"] >= step and s["ready"] >= needed), None)
     steady = [s["desired"] for s in samples if plateau_end - 60 <= s["t"] <= plateau_end]
-    changes = sum(1 for a, b in zip(steady, steady[1:], strict=False) if a != b)
+    changes = sum(1 for a, b in itertools.pairwise(steady) if a != b)
     p99_step = [row["p99_ms"] for row in tl if step <= row["t"] < step + 10 and row["ok"]]
     p99_after = [row["p99_ms"] for row in tl if plateau_end - 30 <= row["t"] < plateau_end and row["ok"]]
     replica_seconds = sum(0.25 * s["ready"] for s in samples)
@@ -143,7 +144,7 @@ async def run_zero(idle_s: float) -> dict[str, Any]:
 
 
 async def main_async(a: argparse.Namespace) -> int:
-    warm, plateau, tail = (10.0, 50.0, 20.0) if a.quick else (20.0, 90.0, 40.0)
+    warm, plateau, tail = (10.0, 50.0, 20.0) if a.quick else (20.0, 100.0, 45.0)
     base, high = a.base, a.high
     conc = {"mode": "concurrency", "target": 3, "min_replicas": 1, "max_replicas": 5, "stable_window": 30,
             "panic_window": 4, "scale_down_delay": 5}
@@ -204,7 +205,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=float, default=50.0, help="req/s before and after the step")
     ap.add_argument("--high", type=float, default=240.0, help="req/s during the step")
-    ap.add_argument("--quick", action="store_true", help="shorter phases (50 s plateau)")
+    ap.add_argument("--quick", action="store_true", help="shorter phases (50 s plateau; the steady-state window "
+                    "then overlaps the transient)")
     return asyncio.run(main_async(ap.parse_args()))
 
 
