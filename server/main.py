@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -36,6 +37,8 @@ from modelyard.server.repository import ModelRepository
 log = logging.getLogger("modelyard.server")
 
 SOURCE = "server config"
+#: seconds without a new call before the gRPC server is stopped (see ``shutdown``)
+SHUTDOWN_QUIET = 0.2
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
@@ -84,6 +87,7 @@ class ModelServer:
         self._stop = asyncio.Event()
         self._health_tasks: set[asyncio.Future[None]] = set()
         self._grpc: grpc.aio.Server | None = None
+        self.servicer: InferenceServicer | None = None
         self._http: web.AppRunner | None = None
         self.grpc_port = settings.grpc_port
         self.http_port = settings.http_port
@@ -120,7 +124,8 @@ class ModelServer:
             *self.grpc_options,
         ]
         server = grpc.aio.server(options=options)
-        add_inference_service(InferenceServicer(self.repository, self.is_ready), server)
+        self.servicer = InferenceServicer(self.repository, self.is_ready)
+        add_inference_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=_Pools(POOL, descriptor_pool.Default()))
@@ -156,11 +161,29 @@ class ModelServer:
             await asyncio.sleep(self.settings.drain_delay)
         grace = self.settings.grace
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            # grpc's stop() cancels the calls it has received but not yet handed to us (CANCELLED, which no
+            # client can tell from a processed call); so first answer new calls UNAVAILABLE -- never
+            # processed, a balancer retries them elsewhere -- and wait for in-flight ones and for quiet
+            t0 = time.monotonic()
+            await self._refuse_new_calls(min(grace, 5.0))
+            await self._grpc.stop(max(0.0, grace - (time.monotonic() - t0)))
         if self._http is not None:
             await self._http.cleanup()
         await self.repository.close()
         log.info("modelyard stopped")
+
+    async def _refuse_new_calls(self, limit: float) -> None:
+        """Refuse new calls until none is in flight and none arrived for ``SHUTDOWN_QUIET`` s (at most ``limit`` s)."""
+        servicer = self.servicer
+        if servicer is None:
+            return
+        servicer.refusing = True
+        servicer.last_arrival = time.monotonic()
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if servicer.active == 0 and time.monotonic() - servicer.last_arrival >= SHUTDOWN_QUIET:
+                return
+            await asyncio.sleep(0.02)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

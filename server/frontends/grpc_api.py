@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -58,12 +59,22 @@ def _stats_message(mv: ModelVersion) -> pb.ModelStatistics:
     return msg
 
 
+#: the message of calls refused during shutdown (UNAVAILABLE: nothing was processed, retry elsewhere)
+SHUTTING_DOWN = "the server is shutting down; the request was not processed (retry on another replica)"
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton gRPC API over a :class:`ModelRepository`."""
 
     def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool]) -> None:
         self.repo = repository
         self._is_ready = is_ready
+        #: set during shutdown: new calls are answered UNAVAILABLE (never processed, so a balancer retries
+        #: them elsewhere) instead of being left for grpc to cancel when the server stops
+        self.refusing = False
+        #: calls inside a handler now, and when the last one arrived (the shutdown waits for quiet)
+        self.active = 0
+        self.last_arrival = 0.0
 
     # --------------------------------------------------------------- health
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -193,8 +204,13 @@ def _unary(cls: Any, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
     """Parse the request bytes, call ``method``, map exceptions to status codes (the one place
     that does): never a traceback to the client."""
     name = cls.DESCRIPTOR.full_name
+    servicer = method.__self__  # type: ignore[attr-defined]
 
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        if servicer.refusing:
+            servicer.last_arrival = time.monotonic()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        servicer.active += 1
         try:
             return await method(cls.FromString(raw), context)
         except DecodeError as exc:
@@ -207,12 +223,20 @@ def _unary(cls: Any, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
             log.exception("%s failed", getattr(method, "__name__", name))
             err = as_modelyard_error(exc)
             await context.abort(err.code, err.message)
+        finally:
+            servicer.active -= 1
 
     return handler
 
 
 def _streaming(cls: Any, method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    servicer = method.__self__  # type: ignore[attr-defined]
+
     async def handler(raw_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if servicer.refusing:
+            servicer.last_arrival = time.monotonic()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
         async def parsed() -> AsyncIterator[Any]:
             async for raw in raw_iterator:
                 try:
@@ -222,8 +246,12 @@ def _streaming(cls: Any, method: Callable[..., AsyncIterator[Any]]) -> Callable[
                         grpc.StatusCode.INVALID_ARGUMENT, f"stream message is not a valid {cls.DESCRIPTOR.full_name}: {exc}"
                     )
 
-        async for item in method(parsed(), context):
-            yield item
+        servicer.active += 1
+        try:
+            async for item in method(parsed(), context):
+                yield item
+        finally:
+            servicer.active -= 1
 
     return handler
 
