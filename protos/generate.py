@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
-SOURCES = ("model_config.proto", "grpc_service.proto")
-MODULES = ("model_config_pb2", "grpc_service_pb2")
+SOURCES = ("model_config.proto", "grpc_service.proto", "modelyard_health.proto")
+MODULES = ("model_config_pb2", "grpc_service_pb2", "modelyard_health_pb2")
 
 
 def _rewrite(text: str) -> str:

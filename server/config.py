@@ -41,6 +41,11 @@ class ServerConfig:
     exit_on_error: bool = True
     #: event loop implementation: auto (uvloop when installed), asyncio or uvloop
     loop: str = "auto"
+    #: GET /health (and modelyard.Health/Check) reports degraded when a model's queue holds more
+    #: requests than this (0 = no limit)
+    health_queue_depth: int = 100
+    #: ... or when a GPU in use has more than this fraction of its memory used
+    health_gpu_memory: float = 0.9
 
     @property
     def repository_path(self) -> Path:
@@ -57,6 +62,8 @@ class ServerConfig:
         check(self.max_message_mb >= 1, "max_message_mb", "must be >= 1")
         check(self.grace >= 0, "grace", "must be >= 0")
         check(self.drain_delay >= 0, "drain_delay", "must be >= 0")
+        check(self.health_queue_depth >= 0, "health_queue_depth", "must be >= 0")
+        check(0 < self.health_gpu_memory <= 1, "health_gpu_memory", "must be a fraction in (0, 1]")
         check(self.loop in ("auto", "asyncio", "uvloop"), "loop", f"must be auto, asyncio or uvloop, got {self.loop!r}")
         if self.model_repository:
             check(Path(self.model_repository).is_dir(), "model_repository",

@@ -13,8 +13,9 @@ import grpc
 
 from modelyard.config import ConfigError
 
-__all__ = ["Cancelled", "ConfigError", "DeadlineExceeded", "InvalidConfig", "InvalidInput", "ModelExecutionError",
-           "ModelNotFound", "ModelNotReady", "ModelyardError", "Overloaded", "Unsupported", "as_modelyard_error"]
+__all__ = ["AlreadyExists", "Cancelled", "ConfigError", "DeadlineExceeded", "InvalidConfig", "InvalidInput",
+           "ModelExecutionError", "ModelNotFound", "ModelNotReady", "ModelyardError", "NotFound", "Overloaded",
+           "PayloadTooLarge", "Unsupported", "UnsupportedEncoding", "as_modelyard_error"]
 
 
 class ModelyardError(Exception):
@@ -35,11 +36,35 @@ class InvalidInput(ModelyardError):
     http = 400
 
 
-class ModelNotFound(ModelyardError):
-    """Unknown model or version."""
+class UnsupportedEncoding(InvalidInput):
+    """A request body in a ``Content-Encoding`` the server does not decode (REST only: 415)."""
+
+    http = 415
+
+
+class PayloadTooLarge(ModelyardError):
+    """A message (or what it decompresses to) over ``--max-message-mb``."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http = 413
+
+
+class NotFound(ModelyardError):
+    """Something named by the request does not exist (a shared memory region...)."""
 
     code = grpc.StatusCode.NOT_FOUND
     http = 404
+
+
+class AlreadyExists(ModelyardError):
+    """Registering a name that is already registered (a shared memory region)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    http = 409
+
+
+class ModelNotFound(NotFound):
+    """Unknown model or version."""
 
 
 class ModelNotReady(ModelyardError):
@@ -78,7 +103,7 @@ class ModelExecutionError(ModelyardError):
 
 
 class Unsupported(ModelyardError):
-    """A protocol feature modelyard does not implement (shared memory, tracing...)."""
+    """A protocol feature modelyard does not implement (CUDA shared memory, tracing, log settings)."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
     http = 501

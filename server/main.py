@@ -19,9 +19,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from modelyard.config import ConfigError, default, load, override, read_yaml
 from modelyard.launcher import print_ready
@@ -29,10 +27,14 @@ from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos._pool import POOL
 from modelyard.server.config import ServerConfig
 from modelyard.server.frontends.grpc_api import InferenceServicer, add_inference_service
+from modelyard.server.frontends.health_api import HEALTH_SERVICE, add_health_route, add_health_service
 from modelyard.server.frontends.openai_api import add_openai_routes
+from modelyard.server.frontends.reflection import enable_reflection
 from modelyard.server.frontends.rest_api import build_app
+from modelyard.server.health import HealthReport, assess
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.repository import ModelRepository
+from modelyard.server.shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger("modelyard.server")
 
@@ -40,37 +42,6 @@ SOURCE = "server config"
 #: seconds without a new call before the gRPC server is stopped (see ``shutdown``)
 SHUTDOWN_QUIET = 0.2
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-
-
-class _Pools:
-    """Reflection over modelyard's private descriptor pool first, then protobuf's default one
-    (health, reflection itself)."""
-
-    def __init__(self, *pools: descriptor_pool.DescriptorPool) -> None:
-        self._pools = pools
-
-    def _first(self, method: str, *args: Any) -> Any:
-        for p in self._pools:
-            try:
-                return getattr(p, method)(*args)
-            except KeyError:
-                continue
-        raise KeyError(args[0] if args else method)
-
-    def FindFileByName(self, name: str) -> Any:
-        return self._first("FindFileByName", name)
-
-    def FindFileContainingSymbol(self, symbol: str) -> Any:
-        return self._first("FindFileContainingSymbol", symbol)
-
-    def FindMessageTypeByName(self, name: str) -> Any:
-        return self._first("FindMessageTypeByName", name)
-
-    def FindExtensionByNumber(self, message: Any, number: int) -> Any:
-        return self._first("FindExtensionByNumber", message, number)
-
-    def FindAllExtensions(self, message: Any) -> Any:
-        return self._first("FindAllExtensions", message)
 
 
 class ModelServer:
@@ -82,6 +53,9 @@ class ModelServer:
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(settings.repository_path, self.metrics, unload_grace=settings.grace)
         self.health = health.aio.HealthServicer()
+        #: system shared memory regions, one registry for gRPC and REST (a region registered over
+        #: one protocol is usable from the other, as in Triton)
+        self.shm = SharedMemoryRegistry()
         self.started = False
         self.shutting_down = False
         self._stop = asyncio.Event()
@@ -95,6 +69,12 @@ class ModelServer:
     # ------------------------------------------------------------------ readiness
     def is_ready(self) -> bool:
         return self.started and not self.shutting_down and self.repository.all_ready()
+
+    def health_report(self) -> HealthReport:
+        """healthy / degraded / unhealthy with the reasons (GET /health, modelyard.Health/Check)."""
+        s = self.settings
+        return assess(self.repository, started=self.started, shutting_down=self.shutting_down,
+                      queue_depth_limit=s.health_queue_depth, gpu_memory_limit=s.health_gpu_memory)
 
     def _sync_health(self, model: str | None = None) -> None:
         """Health service "" follows server readiness, "<model>" that model's readiness."""
@@ -124,20 +104,22 @@ class ModelServer:
             *self.grpc_options,
         ]
         server = grpc.aio.server(options=options)
-        self.servicer = InferenceServicer(self.repository, self.is_ready)
+        self.servicer = InferenceServicer(self.repository, self.is_ready, self.shm)
         add_inference_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        services = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(services, server, pool=_Pools(POOL, descriptor_pool.Default()))
+        add_health_service(self.health_report, server)
+        enable_reflection(server, (INFERENCE_SERVICE, health.SERVICE_NAME, HEALTH_SERVICE), POOL)
         bound = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         if bound == 0:
             raise SystemExit(f"modelyard: cannot bind gRPC to {s.host}:{s.grpc_port}")
         self.grpc_port = bound
         await server.start()
         self._grpc = server
-        app = build_app(self.repository, self.metrics, self.is_ready, s.max_message_bytes)
+        app = build_app(self.repository, self.metrics, self.is_ready, s.max_message_bytes, self.shm)
         add_openai_routes(app)
-        self._http = web.AppRunner(app, access_log=None)
+        add_health_route(app, self.health_report)
+        # bodies are decompressed by rest_api.read_body (a worker thread for big ones, 415 for unknown encodings)
+        self._http = web.AppRunner(app, access_log=None, auto_decompress=False)
         await self._http.setup()
         site = web.TCPSite(self._http, s.host, s.http_port)
         await site.start()
@@ -170,6 +152,7 @@ class ModelServer:
         if self._http is not None:
             await self._http.cleanup()
         await self.repository.close()
+        self.shm.close()
         log.info("modelyard stopped")
 
     async def _refuse_new_calls(self, limit: float) -> None:
@@ -235,6 +218,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "drain_delay": args.drain_delay,
         "exit_on_error": False if args.no_exit_on_error else None,
         "loop": args.loop,
+        "health_queue_depth": args.health_queue_depth,
+        "health_gpu_memory": args.health_gpu_memory,
     })
     return load(ServerConfig, data, source=SOURCE)
 
@@ -274,5 +259,11 @@ def register(sub: Any) -> None:
                    help="keep serving the other models when one fails to load at start")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"],
                    help=f"event loop implementation (default {d('loop')}: uvloop when installed)")
+    p.add_argument("--health-queue-depth", type=int,
+                   help="GET /health reports degraded when a model's queue holds more requests than this "
+                        f"(default {d('health_queue_depth')}; 0 = no limit)")
+    p.add_argument("--health-gpu-memory", type=float,
+                   help="GET /health reports degraded when a GPU's used memory fraction is above this "
+                        f"(default {d('health_gpu_memory')})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     p.set_defaults(func=_cmd_serve)

@@ -20,9 +20,18 @@ from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
 from modelyard.server.errors import ModelyardError, Unsupported, as_modelyard_error
 from modelyard.server.frontends.grpc_codec import decode_request, encode_response
+from modelyard.server.frontends.tensor_io import (
+    PendingInput,
+    apply_classification,
+    output_refs,
+    read_inputs,
+    write_outputs,
+)
 from modelyard.server.model import ModelVersion
 from modelyard.server.model_config import to_proto
 from modelyard.server.repository import ModelRepository
+from modelyard.server.shared_memory import SharedMemoryRegistry
+from modelyard.server.types import InferRequest
 
 log = logging.getLogger("modelyard.server")
 
@@ -31,7 +40,8 @@ STREAM_MAX_INFLIGHT = 64
 #: responses of one stream waiting for the client to read them
 STREAM_MAX_BUFFERED = 256
 
-EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "binary_tensor_data"]
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "binary_tensor_data",
+              "system_shared_memory"]
 
 T = TypeVar("T")
 
@@ -63,12 +73,32 @@ def _stats_message(mv: ModelVersion) -> pb.ModelStatistics:
 SHUTTING_DOWN = "the server is shutting down; the request was not processed (retry on another replica)"
 
 
+def statistics_response(repo: ModelRepository, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+    """Triton's ModelStatistics for one version, every version of a model, or every model (gRPC and REST)."""
+    resp = pb.ModelStatisticsResponse()
+    if name:
+        if version:
+            resp.model_stats.append(_stats_message(repo.get(name, version)))
+        else:
+            versions = repo.versions(name)
+            for v in sorted(versions, key=int):
+                resp.model_stats.append(_stats_message(versions[v]))
+    else:
+        for model in sorted(repo.models):
+            versions = repo.models[model]
+            for v in sorted(versions, key=int):
+                resp.model_stats.append(_stats_message(versions[v]))
+    return resp
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton gRPC API over a :class:`ModelRepository`."""
 
-    def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool],
+                 shm: SharedMemoryRegistry | None = None) -> None:
         self.repo = repository
         self._is_ready = is_ready
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
         #: set during shutdown: new calls are answered UNAVAILABLE (never processed, so a balancer retries
         #: them elsewhere) instead of being left for grpc to cancel when the server stops
         self.refusing = False
@@ -98,20 +128,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=to_proto(mv.config))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
-        resp = pb.ModelStatisticsResponse()
-        if request.name:
-            if request.version:
-                resp.model_stats.append(_stats_message(self.repo.get(request.name, request.version)))
-            else:
-                versions = self.repo.versions(request.name)
-                for v in sorted(versions, key=int):
-                    resp.model_stats.append(_stats_message(versions[v]))
-        else:
-            for name in sorted(self.repo.models):
-                versions = self.repo.models[name]
-                for v in sorted(versions, key=int):
-                    resp.model_stats.append(_stats_message(versions[v]))
-        return resp
+        return statistics_response(self.repo, request.name, request.version)
 
     # --------------------------------------------------------------- repository
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
@@ -131,11 +148,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     # --------------------------------------------------------------- inference
+    async def _decode(self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> InferRequest:
+        pending: list[PendingInput] = []
+        req = decode_request(msg, context.time_remaining(), pending)
+        if pending:
+            await read_inputs(self.shm, req, pending)
+        return req
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         mv = self.repo.get(request.model_name, request.model_version)
-        req = decode_request(request, context.time_remaining())
-        resp = await mv.infer(req)
-        return encode_response(resp, mv.config)
+        req = await self._decode(request, context)
+        refs = output_refs(self.shm, req) if req.output_parameters else {}
+        resp = apply_classification(req, await mv.infer(req), mv.config)
+        written = await write_outputs(self.shm, resp, mv.config, refs) if refs else None
+        return encode_response(resp, mv.config, written=written)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -151,10 +177,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def handle(msg: pb.ModelInferRequest) -> None:
             try:
                 mv = self.repo.get(msg.model_name, msg.model_version)
-                req = decode_request(msg, context.time_remaining())
+                req = await self._decode(msg, context)
+                refs = output_refs(self.shm, req) if req.output_parameters else {}
                 async for resp in mv.stream(req):
-                    await out.put(pb.ModelStreamInferResponse(
-                        infer_response=encode_response(resp, mv.config, decoupled=mv.config.decoupled)))
+                    resp = apply_classification(req, resp, mv.config)
+                    written = await write_outputs(self.shm, resp, mv.config, refs) if refs else None
+                    await out.put(pb.ModelStreamInferResponse(infer_response=encode_response(
+                        resp, mv.config, decoupled=mv.config.decoupled, written=written)))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -191,11 +220,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(handlers):
                 task.cancel()
 
+    # --------------------------------------------------------------- system shared memory
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:
+        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:
+        resp = pb.SystemSharedMemoryStatusResponse()
+        for region in self.shm.status(request.name):
+            resp.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return resp
+
     # --------------------------------------------------------------- not implemented
     async def _unsupported(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "shared memory, tracing and log settings are not supported by modelyard")
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "CUDA shared memory, tracing and log settings are not supported by modelyard")
 
-    SystemSharedMemoryStatus = SystemSharedMemoryRegister = SystemSharedMemoryUnregister = _unsupported
     CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _unsupported
     TraceSetting = LogSettings = _unsupported
 

@@ -2,44 +2,81 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos.params import parameter_value, set_parameter
-from modelyard.protos.tensors import DTYPES, TensorError, datatype_of, from_contents, from_raw, to_raw
+from modelyard.protos.tensors import TensorError, from_contents, from_raw, to_raw
 from modelyard.server.errors import InvalidInput
-from modelyard.server.model_config import ANY, ModelConfig
+from modelyard.server.frontends.tensor_io import (
+    PRIORITY_PARAM,
+    TIMEOUT_PARAM,
+    PendingInput,
+    WrittenOutput,
+    apply_scheduling_params,
+    conform_output,
+    shm_input,
+    shm_output_parameters,
+)
+from modelyard.server.model_config import ModelConfig
 from modelyard.server.types import InferRequest, InferResponse
 
-#: request parameters with a meaning to the scheduler (Triton's names)
-PRIORITY_PARAM = "priority"
-TIMEOUT_PARAM = "timeout"  # microseconds
+__all__ = ["PRIORITY_PARAM", "TIMEOUT_PARAM", "conform_output", "decode_request", "encode_response"]
 
 
-def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = None) -> InferRequest:
-    """Decode a ModelInferRequest; raises InvalidInput naming the tensor at fault."""
+def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = None,
+                   pending: list[PendingInput] | None = None) -> InferRequest:
+    """Decode a ModelInferRequest; raises InvalidInput naming the tensor at fault.
+
+    Inputs whose parameters name a shared memory region are appended to ``pending`` (read by
+    :func:`.tensor_io.read_inputs`); without ``pending`` such a request is refused.
+    ``raw_input_contents`` then holds one entry per other input, in order (as tritonclient sends).
+    """
     raw = msg.raw_input_contents
-    n_inputs = len(msg.inputs)
-    if raw and len(raw) != n_inputs:
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {n_inputs} inputs: send raw data for every input or none"
-        )
     inputs: dict[str, np.ndarray] = {}
+    name = ""
     try:
+        shm_flags = []
+        seen: set[str] = set()
         for i, tensor in enumerate(msg.inputs):
             name = tensor.name
             if not name:
                 raise InvalidInput(f"input #{i} has no name")
-            if name in inputs:
+            if name in seen:
                 raise InvalidInput(f"input '{name}' given twice")
+            seen.add(name)
+            ref = None
+            if tensor.parameters and any(k.startswith("shared_memory_") for k in tensor.parameters):
+                params = {k: parameter_value(v) for k, v in tensor.parameters.items()}
+                ref = shm_input(name, tensor.datatype, list(tensor.shape), params)
+            shm_flags.append(ref is not None)
+            if ref is not None:
+                if pending is None:
+                    raise InvalidInput(f"input '{name}': shared memory is not supported on this call")
+                if tensor.HasField("contents"):
+                    raise InvalidInput(f"input '{name}': both shared_memory_region and contents are set; use one")
+                pending.append(ref)
+        if raw and any(t.HasField("contents") for t in msg.inputs):
+            raise InvalidInput("both raw_input_contents and typed contents are set: send every input's data "
+                               "in raw_input_contents or every input's in contents, not both")
+        n_data = shm_flags.count(False)
+        if raw and len(raw) != n_data:
+            raise InvalidInput(
+                f"raw_input_contents has {len(raw)} entries for {n_data} inputs: send raw data for every input "
+                "(except those in shared memory) or none"
+            )
+        r = 0
+        for tensor, in_shm in zip(msg.inputs, shm_flags, strict=True):
+            name = tensor.name
+            if in_shm:
+                continue
             if raw:
-                inputs[name] = from_raw(raw[i], tensor.datatype, tensor.shape, name)
+                inputs[name] = from_raw(raw[r], tensor.datatype, tensor.shape, name)
+                r += 1
             elif tensor.HasField("contents"):
                 inputs[name] = from_contents(tensor.contents, tensor.datatype, tensor.shape, name)
             else:
-                raise InvalidInput(f"input '{name}': no data (neither raw_input_contents nor contents)")
+                raise InvalidInput(f"input '{name}': no data (neither raw_input_contents, contents nor shared memory)")
     except TensorError as exc:
         raise InvalidInput(str(exc)) from None
     except (ValueError, MemoryError) as exc:  # numpy: too many dims, too big to allocate...
@@ -51,46 +88,27 @@ def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = Non
         req.output_parameters = {
             o.name: {k: parameter_value(v) for k, v in o.parameters.items()} for o in msg.outputs if o.parameters
         }
-    if not params and time_remaining is None:
-        return req
-    priority = params.get(PRIORITY_PARAM)
-    if priority is not None:
-        if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
-            raise InvalidInput(f"parameter 'priority' must be a non-negative integer, got {priority!r}")
-        req.priority = priority
-    deadlines = []
-    if time_remaining is not None:
-        deadlines.append(time_remaining)
-    timeout_us = params.get(TIMEOUT_PARAM)
-    if timeout_us is not None:
-        if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
-            raise InvalidInput(f"parameter 'timeout' must be a non-negative integer of microseconds, got {timeout_us!r}")
-        if timeout_us > 0:
-            deadlines.append(timeout_us / 1e6)
-    if deadlines:
-        req.deadline = time.monotonic() + min(deadlines)
+    if params or time_remaining is not None:
+        apply_scheduling_params(req, time_remaining)
     return req
 
 
-def conform_output(arr: np.ndarray, cfg: ModelConfig | None, name: str) -> tuple[np.ndarray, str]:
-    """Cast an output to the datatype its config declares (models often compute in float64)."""
-    spec = cfg.output(name) if cfg is not None else None
-    if spec is not None and spec.datatype not in (ANY, "BYTES"):
-        want = DTYPES[spec.datatype]
-        if arr.dtype != want:
-            arr = arr.astype(want)
-        return arr, spec.datatype
-    if arr.dtype.kind in ("U", "S"):
-        flat = np.empty(arr.size, dtype=object)
-        flat[:] = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in arr.reshape(-1)]
-        arr = flat.reshape(arr.shape)
-    return arr, datatype_of(arr)
+def encode_response(resp: InferResponse, cfg: ModelConfig | None = None, *, decoupled: bool = False,
+                    written: dict[str, WrittenOutput] | None = None) -> pb.ModelInferResponse:
+    """Outputs go in raw_output_contents (the only place tritonclient reads).
 
-
-def encode_response(resp: InferResponse, cfg: ModelConfig | None = None, *, decoupled: bool = False) -> pb.ModelInferResponse:
-    """Outputs always go in raw_output_contents (the only place tritonclient reads)."""
+    An output written to shared memory keeps its place with an empty entry, so the entries
+    still line up with ``outputs``; its parameters name the region and the bytes written.
+    """
     msg = pb.ModelInferResponse(model_name=resp.model, model_version=resp.version, id=resp.id)
     for name, value in resp.outputs.items():
+        done = written.get(name) if written else None
+        if done is not None:
+            out = msg.outputs.add(name=name, datatype=done.datatype, shape=done.shape)
+            for key, pvalue in shm_output_parameters(done).items():
+                set_parameter(out.parameters[key], pvalue)
+            msg.raw_output_contents.append(b"")
+            continue
         arr, datatype = conform_output(np.asarray(value) if not isinstance(value, np.ndarray) else value, cfg, name)
         msg.outputs.add(name=name, datatype=datatype, shape=arr.shape)
         msg.raw_output_contents.append(to_raw(arr))

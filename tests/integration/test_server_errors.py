@@ -198,8 +198,9 @@ def test_garbage_bytes_are_invalid_argument(server, stub):
 
 
 def test_unimplemented_rpcs(stub):
-    expect(stub, pb.SystemSharedMemoryStatusRequest(), grpc.StatusCode.UNIMPLEMENTED, "shared memory",
-           method="SystemSharedMemoryStatus")
+    expect(stub, pb.CudaSharedMemoryStatusRequest(), grpc.StatusCode.UNIMPLEMENTED, "CUDA shared memory",
+           method="CudaSharedMemoryStatus")
+    expect(stub, pb.TraceSettingRequest(), grpc.StatusCode.UNIMPLEMENTED, "tracing", method="TraceSetting")
 
 
 def test_rest_errors_are_json_with_http_status(server):

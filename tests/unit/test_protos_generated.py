@@ -12,6 +12,7 @@ def test_protos_regenerate_without_diff(tmp_path: Path):
     assert {p.name for p in written} == {
         "grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py",
         "model_config_pb2.py", "model_config_pb2.pyi",
+        "modelyard_health_pb2.py", "modelyard_health_pb2.pyi", "modelyard_health_pb2_grpc.py",
     }
     for fresh in written:
         committed = generate.PROTO_DIR / fresh.name
