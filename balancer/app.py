@@ -24,11 +24,12 @@ from typing import Any
 from modelyard.balancer.admin import build_admin_app
 from modelyard.balancer.config import BalancerConfig, config_to_dict
 from modelyard.balancer.discovery import DnsSource, FileSource
+from modelyard.balancer.grpcwire import default_idempotent_methods, default_unary_methods
 from modelyard.balancer.h2.connection import Flusher
 from modelyard.balancer.health import GrpcHealthProbe, HealthChecker
 from modelyard.balancer.metrics import BalancerCollector, Stats, make_registry, merge_dumps
 from modelyard.balancer.pool import Pool
-from modelyard.balancer.proxy import Proxy, default_unary_methods
+from modelyard.balancer.proxy import Proxy
 from modelyard.balancer.routing import Router
 from modelyard.balancer.upstream import Upstream
 from modelyard.clock import MONOTONIC, Clock
@@ -59,6 +60,7 @@ class Balancer:
             self.pools[name] = Pool(name, pcfg, clock=clock, rng=random.Random(self.rng.random()), stats=self.stats,
                                     upstream_factory=factory, on_change=self._on_pool_change)
         self.proxy = Proxy(self.router, self.pools, default_unary_methods() | set(cfg.unary_methods),
+                           idempotent_methods=default_idempotent_methods() | set(cfg.idempotent_methods),
                            clock=clock, rng=random.Random(self.rng.random()), flusher=self.flusher,
                            max_message_bytes=cfg.max_message_bytes)
         self.registry = make_registry(BalancerCollector(self._stats_dump, self.endpoint_rows))

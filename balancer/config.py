@@ -14,7 +14,7 @@ from typing import Any
 
 from modelyard.balancer.outlier import OutlierConfig
 from modelyard.balancer.pickers import PICKERS
-from modelyard.balancer.retry import RetryConfig
+from modelyard.balancer.retry import HedgeConfig, RetryConfig
 from modelyard.config import Check, ConfigError, load, read_yaml, to_dict
 
 __all__ = ["BalancerConfig", "ConfigError", "PoolConfig", "config_from_dict", "config_to_dict", "host_port_ok",
@@ -201,6 +201,7 @@ class PoolConfig:
     panic_threshold: float = 50.0
     circuit_breakers: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    hedge: HedgeConfig = field(default_factory=HedgeConfig)
     activator: ActivatorConfig = field(default_factory=ActivatorConfig)
 
     def validate(self, check: Check) -> None:
@@ -277,6 +278,9 @@ class BalancerConfig:
     pools: dict[str, PoolConfig] = field(default_factory=dict)
     #: extra fully qualified unary methods ("/pkg.Svc/Method"); unknown methods are proxied as streams
     unary_methods: list[str] = field(default_factory=list)
+    #: extra unary methods safe to send twice (hedged after a per-try timeout); the inference service's
+    #: reads and ModelInfer, and health Check, are already
+    idempotent_methods: list[str] = field(default_factory=list)
     max_message_bytes: int = 256 * 1024 * 1024
     drain: DrainConfig = field(default_factory=DrainConfig)
 
@@ -284,8 +288,9 @@ class BalancerConfig:
         check(bool(self.listeners), "listeners", "at least one listener is required")
         check(self.workers >= 1, "workers", "must be >= 1")
         check(self.max_message_bytes > 0, "max_message_bytes", "must be > 0")
-        for m in self.unary_methods:
-            check(m.startswith("/") and m.count("/") == 2, "unary_methods", f"expected /package.Service/Method, got {m!r}")
+        for key in ("unary_methods", "idempotent_methods"):
+            for m in getattr(self, key):
+                check(m.startswith("/") and m.count("/") == 2, key, f"expected /package.Service/Method, got {m!r}")
         check(bool(self.pools), "pools", "at least one pool is required")
         check(bool(self.routes) or len(self.pools) <= 1, "routes", "required when there is more than one pool")
         for i, r in enumerate(self.routes):

@@ -15,6 +15,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from modelyard.balancer.retry import RttEstimator
+
 if TYPE_CHECKING:
     from modelyard.balancer.upstream import Upstream
 
@@ -66,6 +68,8 @@ class Endpoint:
     requests: int = 0
     failures: int = 0
     outlier: OutlierState = field(default_factory=OutlierState)
+    #: smoothed latency of its answers (the pool's accounting): its per-try timeout
+    rtt: RttEstimator = field(default_factory=RttEstimator)
     #: the picker's private per-endpoint state (e.g. the Peak-EWMA estimator), attached on first use
     load: Any = None
 

@@ -248,9 +248,14 @@ class Pool:
         if outcome is Outcome.FAILURE:
             ep.failures += 1
         self.picker.on_done(ep, outcome, latency)
+        if outcome is Outcome.SUCCESS:
+            ep.rtt.observe(latency)
+        overflow = self.outlier.ejections_overflow
         if self.outlier.record(ep, outcome, self.clock.now(), self.endpoints.values()):
             self.stats.count(self.name, "ejections")
             self.rebuild()
+        elif self.outlier.ejections_overflow != overflow:
+            self.stats.count(self.name, "ejections_overflow")
         if ep.draining and ep.outstanding == 0 and ep in self._retired:
             self._retired.remove(ep)
             self._close(ep)

@@ -1,475 +1,59 @@
 """The data plane: a service-agnostic gRPC proxy that relays HTTP/2 streams, bytes untouched.
 
-Each downstream stream becomes a :class:`Call`: headers are decoded (HPACK, cached),
-the route is resolved from ``:path`` (and, for model-routed methods, the model name
-peeked from the first DATA bytes), the pool's picker chooses an endpoint, and the
-stream is re-opened on one of that endpoint's HTTP/2 connections. DATA frames are
-relayed as they arrive in both directions, with end-to-end flow control; response
-headers and trailers are re-encoded unchanged. gRPC messages are never parsed,
-buffered whole or copied into Python objects beyond the frame payloads.
+Each downstream stream becomes a :class:`~modelyard.balancer.call.Call`: headers are decoded (HPACK,
+cached), the route is resolved from ``:path`` (and, for model-routed methods, the model name peeked
+from the first DATA bytes), the pool's picker chooses an endpoint, and the stream is re-opened on
+one of that endpoint's HTTP/2 connections as an :class:`~modelyard.balancer.call.Attempt`. DATA
+frames are relayed as they arrive in both directions, with end-to-end flow control; response headers
+and trailers are re-encoded unchanged. gRPC messages are never parsed.
 
-Why not grpc.aio on both sides (the first version): every proxied call then paid a
-grpc.aio server call plus a client call -- two C-core call objects, two Python
-coroutines and their completion-queue round trips -- which capped one process at
-~3,500 calls/s on this machine. Relaying frames on asyncio protocols costs a fraction
-of that, and works for every call kind without knowing which it is.
+Where things are: wire helpers in :mod:`~modelyard.balancer.grpcwire`, request headers in
+:mod:`~modelyard.balancer.request_head`, the client-facing HTTP/2 server in
+:mod:`~modelyard.balancer.downstream`, the call's state machine in :mod:`~modelyard.balancer.call`,
+the retry/hedge decision (pure) in :mod:`~modelyard.balancer.retry`. This module decides: the
+route, circuit breaking, the endpoint of each attempt, and whether another attempt goes out.
 
-Retries: unary methods (the inference service's, health Check, and ``unary_methods``)
-keep their request bytes until response headers arrive; a connect failure, a refused
-or reset stream, a lost connection, or a trailers-only UNAVAILABLE before any
-response byte is retried on another endpoint, within the retry budget, the retry
-circuit breaker and the deadline. Deadlines: ``grpc-timeout`` is replaced by the time
-remaining (min with the pool timeout) on every attempt, and the proxy enforces it too.
+Why not grpc.aio on both sides (the first version): every proxied call then paid a grpc.aio server
+call plus a client call, which capped one process at ~3,500 calls/s on this machine.
+
+Retries: unary methods keep their request bytes until a response starts; a connect failure, a
+refused or reset stream, a lost connection, or a trailers-only UNAVAILABLE before any response byte
+is retried on another endpoint (:func:`~modelyard.balancer.retry.decide_retry`: attempts, deadline,
+retry circuit breaker, budget). Hedges: an idempotent unary call whose attempt has not answered
+within its endpoint's per-try timeout (learned from that endpoint's latency) gets a second attempt
+elsewhere; the first answer wins. Deadlines: ``grpc-timeout`` is replaced by the time remaining (min
+with the pool timeout) on every attempt, and the proxy enforces it too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
-from collections.abc import Callable
-from typing import Any
 
-from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome
-from modelyard.balancer.h2.connection import (
-    CANCEL,
-    NO_ERROR,
-    PREFACE,
-    PROTOCOL_ERROR,
-    REFUSED_STREAM,
-    S_MAX_CONCURRENT_STREAMS,
-    Flusher,
-    H2Connection,
-    H2ProtocolError,
-    Stream,
+from modelyard.balancer.call import Attempt, Call, State
+from modelyard.balancer.downstream import DownstreamConnection
+from modelyard.balancer.endpoint import NoEndpoint, Outcome
+from modelyard.balancer.grpcwire import (
+    DEADLINE_EXCEEDED,
+    HEALTH_CHECK,
+    NOT_SERVING_RESPONSE,
+    OK,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    status_block,
+    timeout_field,
 )
+from modelyard.balancer.h2.connection import Flusher, Stream
 from modelyard.balancer.h2.hpack import Headers, encode, encode_field
 from modelyard.balancer.pool import Pool
-from modelyard.balancer.retry import backoff
+from modelyard.balancer.request_head import RequestHead
+from modelyard.balancer.retry import backoff, decide_retry
 from modelyard.balancer.routing import Router
 from modelyard.clock import MONOTONIC, Clock
 
-log = logging.getLogger("modelyard.balancer.proxy")
-
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-#: serialized grpc.health.v1.HealthCheckResponse{status: NOT_SERVING}
-NOT_SERVING_RESPONSE = b"\x08\x02"
-
-OK, CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 0, 1, 2, 4, 8
-UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS = 12, 13, 14, 15
-CODE_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-              "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-              "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
-#: codes that say the endpoint (not the request) is bad: outlier detection and the EWMA penalty
-FAILURE_CODES = frozenset({UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS})
-
-#: most downstream streams one connection may have open (advertised in SETTINGS)
-MAX_CONCURRENT_STREAMS = 4096
-#: unary request bytes kept for a retry; bigger requests are not retried
-RETRY_BUFFER_BYTES = 4 << 20
-
-#: RFC 7540 8.1.2.2: connection-specific headers, never forwarded
-HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
-                         b"te", b"host"})
-
-_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
-
-def default_unary_methods() -> set[str]:
-    """Unary methods of the services we know (inference, health) from their descriptors."""
-    from modelyard.protos import grpc_service_pb2
-
-    out = {HEALTH_CHECK}
-    for svc in grpc_service_pb2.DESCRIPTOR.services_by_name.values():
-        for m in svc.methods:
-            if not m.client_streaming and not m.server_streaming:
-                out.add(f"/{svc.full_name}/{m.name}")
-    return out
-
-
-def parse_timeout(value: bytes) -> float | None:
-    """``grpc-timeout`` (e.g. ``100m``) in seconds; None when malformed."""
-    unit = _TIMEOUT_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not digits.isdigit() or len(digits) > 8:
-        return None
-    return int(digits) * unit
-
-
-def timeout_field(seconds: float) -> bytes:
-    """An encoded ``grpc-timeout`` header field for ``seconds`` (at most 8 digits)."""
-    us = max(1, int(seconds * 1e6))
-    value = f"{us}u" if us < 100_000_000 else f"{max(1, int(seconds * 1e3))}m" if seconds < 99_999 else \
-        f"{min(99_999_999, int(seconds))}S"
-    return encode_field((b"grpc-timeout", value.encode()))
-
-
-def percent_encode(message: str) -> bytes:
-    """grpc-message encoding: printable ASCII except '%' as is, everything else %XX."""
-    out = bytearray()
-    for b in message.encode():
-        if 0x20 <= b <= 0x7E and b != 0x25:
-            out.append(b)
-        else:
-            out += b"%%%02X" % b
-    return bytes(out)
-
-
-def status_block(code: int, message: str, trailers_only: bool) -> bytes:
-    fields = [(b"grpc-status", str(code).encode())]
-    if message:
-        fields.append((b"grpc-message", percent_encode(message)))
-    if trailers_only:
-        fields = [(b":status", b"200"), (b"content-type", b"application/grpc"), *fields]
-    return encode(tuple(fields))
-
-
-def grpc_status(headers: Headers) -> int:
-    for k, v in headers:
-        if k == b"grpc-status":
-            try:
-                return int(v)
-            except ValueError:
-                return UNKNOWN
-    return UNKNOWN
-
-
-class RequestHead:
-    """What the proxy needs from a request's headers; cached per header list (without a timeout)."""
-
-    __slots__ = ("block", "error", "has_authority", "method", "path", "timeout")
-
-    def __init__(self, headers: Headers) -> None:
-        self.error: tuple[bytes, str] | None = None
-        self.timeout: float | None = None
-        path = verb = ctype = authority = b""
-        scheme = b"http"
-        rest: list[tuple[bytes, bytes]] = []
-        for k, v in headers:
-            if k[:1] == b":":
-                if k == b":path":
-                    path = v
-                elif k == b":method":
-                    verb = v
-                elif k == b":authority":
-                    authority = v
-                elif k == b":scheme":
-                    scheme = v
-            elif k == b"grpc-timeout":
-                self.timeout = parse_timeout(v)
-            elif k == b"content-type":
-                ctype = v
-                rest.append((k, v))
-            elif k not in HOP_HEADERS:
-                rest.append((k, v))
-        self.path = path
-        self.method = path.decode("utf-8", "replace")
-        if verb != b"POST":
-            self.error = (b"405", f"gRPC needs POST, not {verb.decode('latin-1') or 'nothing'}")
-        elif not ctype.startswith(b"application/grpc"):
-            self.error = (b"415", f"content-type {ctype.decode('latin-1')!r} is not application/grpc")
-        elif not path.startswith(b"/"):
-            self.error = (b"400", "missing :path")
-        fields = [(b":method", b"POST"), (b":scheme", scheme), (b":path", path)]
-        #: without one, the attempt adds the endpoint's address (grpc C-core servers reset such streams)
-        self.has_authority = bool(authority)
-        if authority:
-            fields.append((b":authority", authority))
-        fields.append((b"te", b"trailers"))
-        self.block = b"".join([encode_field(h) for h in (*fields, *rest)])
-
-
-class DownstreamConnection(H2Connection):
-    """The server side of one client connection."""
-
-    transport: Any
-    last_peer_stream: int
-
-    local_settings = {**H2Connection.local_settings, S_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
-
-    def __init__(self, proxy: Proxy) -> None:
-        super().__init__(proxy.flusher)
-        self.proxy = proxy
-        self._preface = b""
-        self._preface_done = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._start_transport(transport)
-        self.proxy.connections.add(self)
-        self.write(self._open_frames())
-        if self.proxy.draining_connections:
-            self.send_goaway()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.proxy.connections.discard(self)
-        streams = list(self.streams.values())
-        self.streams.clear()
-        for st in streams:
-            if st.call is not None:
-                st.call.downstream_cancelled()
-
-    def _receive(self, data: bytes) -> None:
-        if not self._preface_done:
-            have = self._preface + data
-            if len(have) < len(PREFACE):
-                if not PREFACE.startswith(have):
-                    self._refuse_non_h2(have)
-                self._preface = have
-                return
-            if not have.startswith(PREFACE):
-                self._refuse_non_h2(have)
-                return
-            self._preface_done = True
-            self._preface = b""
-            data = have[len(PREFACE):]
-            if not data:
-                return
-        super()._receive(data)
-
-    def _refuse_non_h2(self, data: bytes) -> None:
-        self.closed = True
-        if self.transport is None:
-            return
-        if data[:8].split(b" ")[0] in (b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH"):
-            body = b"this is a gRPC endpoint (HTTP/2 with prior knowledge)\n"
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
-        self.transport.close()
-
-    def on_headers(self, sid: int, headers: Headers, end_stream: bool) -> None:
-        st = self.streams.get(sid)
-        if st is not None:  # request trailers: gRPC has none; treat as the end of the request
-            if end_stream:
-                st.remote_closed = True
-                if st.call is not None:
-                    st.call.downstream_data(b"", True)
-                self._remote_close(st)
-            return
-        if sid % 2 == 0:
-            raise H2ProtocolError(PROTOCOL_ERROR, f"client stream id {sid} is even")
-        if sid <= self.last_peer_stream:
-            return  # trailers or a late frame on a stream we already ended (RFC 7540 5.1): ignore
-        self.last_peer_stream = sid
-        st = Stream(sid, self)
-        self.streams[sid] = st
-        if end_stream:
-            st.remote_closed = True
-        if self.goaway_sent or len(self.streams) > MAX_CONCURRENT_STREAMS:
-            self.reset(st, REFUSED_STREAM)
-            return
-        self.proxy.new_call(st, headers, end_stream)
-
-    def on_data(self, st: Stream, data: bytes, end_stream: bool) -> None:
-        call = st.call
-        if call is not None:
-            call.downstream_data(data, end_stream)
-
-    def on_reset(self, st: Stream, code: int) -> None:
-        if st.call is not None:
-            st.call.downstream_cancelled()
-
-    def stream_closed(self, st: Stream) -> None:
-        st.call = None
-        if self.goaway_sent and not self.streams and self.proxy.draining_connections:
-            self.close()
-
-    def respond_http(self, st: Stream, status: bytes, message: str) -> None:
-        """A plain HTTP error for a request that is not gRPC."""
-        self.send_headers(st, encode(((b":status", status), (b"content-type", b"text/plain"))), False)
-        self.send_data(st, message.encode() + b"\n", True)
-        if not st.remote_closed:
-            self.reset(st, NO_ERROR)
-
-
-class Call:
-    """One proxied call: a downstream stream, the current upstream attempt, retries, deadline."""
-
-    __slots__ = ("attempt", "buffered", "buffered_bytes", "deadline", "down", "ep", "exclude", "finished", "head",
-                 "is_retry", "pending", "pool", "proxy", "req_done", "resolve", "resp_started", "retryable", "start",
-                 "t0", "timer", "up")
-
-    def __init__(self, proxy: Proxy, down: Stream, head: RequestHead, req_done: bool) -> None:
-        self.proxy = proxy
-        self.down = down
-        self.head = head
-        self.up: Stream | None = None
-        self.pool: Pool | None = None
-        self.ep: Endpoint | None = None
-        self.exclude: Endpoint | None = None
-        self.attempt = 0
-        self.is_retry = False
-        self.pending = False
-        #: request bytes not yet sent upstream, or kept for a retry
-        self.buffered: list[bytes] | None = []
-        self.buffered_bytes = 0
-        self.req_done = req_done
-        self.resp_started = False
-        #: unary method: request bytes are kept for a retry until response headers arrive
-        self.retryable = head.path in proxy.unary_methods
-        self.finished = False
-        self.resolve: Callable[[bytes | None], str | None] | None = None
-        self.deadline: float | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.start = 0.0
-        self.t0 = 0.0
-
-    # ------------------------------------------------------------------ downstream events
-
-    def downstream_data(self, data: bytes, end: bool) -> None:
-        """Request bytes from the client.
-
-        Window credit: a retryable call keeps its bytes, so the client is credited when they are
-        buffered and attempts send them without crediting again (a replay must not credit twice);
-        any other call is credited when its bytes are written upstream (end-to-end back-pressure).
-        """
-        if end:
-            self.req_done = True
-        up = self.up
-        if up is not None:
-            up.conn.send_data(up, data, end)
-            if not self.retryable:
-                return
-        elif self.finished:
-            return
-        buf = self.buffered
-        if buf is None:
-            return
-        buf.append(data)
-        self.buffered_bytes += len(data)
-        if self.retryable:
-            down = self.down
-            down.conn.consumed(down, len(data))
-            if self.buffered_bytes > RETRY_BUFFER_BYTES:  # too big to keep: no retry, credit on send
-                self.retryable = False
-                if up is not None:
-                    self.buffered = None
-                    up.source = down
-        if self.resolve is not None:
-            self.proxy.try_route(self)
-
-    def downstream_cancelled(self) -> None:
-        if self.finished:
-            return
-        up = self.up
-        if up is not None:
-            up.conn.reset(up, CANCEL)
-            self.end_attempt(Outcome.APP_ERROR, "CANCELLED")
-        self.finish()
-
-    # ------------------------------------------------------------------ upstream events
-
-    def upstream_headers(self, headers: Headers, end: bool) -> None:
-        if self.finished:
-            return
-        down = self.down
-        if not end:
-            self.resp_started = True
-            self.buffered = None  # no retry from here on: later request bytes are credited as they are sent
-            up = self.up
-            if up is not None:
-                up.source = down
-            down.conn.send_headers(down, encode(headers), False)
-            return
-        code = grpc_status(headers)
-        if code == UNAVAILABLE and not self.resp_started:
-            self.end_attempt(Outcome.FAILURE, "UNAVAILABLE")
-            if self.proxy.retry(self):
-                return
-        else:
-            self.end_attempt(Outcome.SUCCESS if code == OK else Outcome.FAILURE if code in FAILURE_CODES
-                             else Outcome.APP_ERROR, CODE_NAMES[code] if 0 <= code < 17 else "UNKNOWN")
-        down.conn.send_headers(down, encode(headers), True)
-        self.finish()
-
-    def upstream_data(self, data: bytes, end: bool) -> None:
-        if self.finished:
-            return
-        down = self.down
-        down.conn.send_data(down, data, False)
-        if end:  # a gRPC response always ends with trailers
-            address = self.ep.address if self.ep else "?"
-            self.end_attempt(Outcome.FAILURE, "INTERNAL")
-            self.fail(INTERNAL, f"upstream {address} ended the response without trailers")
-
-    def upstream_failed(self, reason: str) -> None:
-        """Connect failure, lost connection, RST_STREAM or GOAWAY for the current attempt."""
-        if self.finished or self.up is None:
-            return
-        self.attempt_failed(reason)
-
-    def attempt_failed(self, reason: str) -> None:
-        self.end_attempt(Outcome.FAILURE, "UNAVAILABLE")
-        if not self.resp_started and self.proxy.retry(self):
-            return
-        self.fail(UNAVAILABLE, reason)
-
-    def on_deadline(self) -> None:
-        self.timer = None
-        if self.finished:
-            return
-        up = self.up
-        if up is not None:
-            up.conn.reset(up, CANCEL)
-            self.end_attempt(Outcome.APP_ERROR, "DEADLINE_EXCEEDED")
-        self.fail(DEADLINE_EXCEEDED, "deadline exceeded at the balancer")
-
-    # ------------------------------------------------------------------ ends
-
-    def end_attempt(self, outcome: Outcome, code: str) -> None:
-        ep, pool = self.ep, self.pool
-        up = self.up
-        if up is not None:
-            up.call = None
-            self.up = None
-            if not (up.local_closed and up.remote_closed):
-                up.conn.reset(up, CANCEL)  # the call is over; the upstream must not wait for more
-        if ep is None or pool is None:
-            return
-        self.ep = None
-        self.exclude = ep
-        ep.outstanding -= 1
-        if self.pending:
-            pool.pending -= 1
-            self.pending = False
-        if self.is_retry:
-            pool.active_retries -= 1
-            self.is_retry = False
-        pool.record(ep, outcome, self.proxy.clock.now() - self.t0, code)
-
-    def fail(self, code: int, message: str) -> None:
-        """End the call with ``code`` (trailers-only unless response headers went out)."""
-        if self.finished:
-            return
-        down = self.down
-        down.conn.send_headers(down, status_block(code, message, not self.resp_started), True)
-        self.finish()
-
-    def finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self.buffered = None
-        self.resolve = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        pool = self.pool
-        proxy = self.proxy
-        proxy.in_flight -= 1
-        if not proxy.in_flight and proxy.idle is not None:
-            proxy.idle.set()
-        if pool is not None:
-            pool.active -= 1
-            pool.stats.observe_latency(pool.name, proxy.clock.now() - self.start)
-            if pool.held:
-                pool.unhold(self)
-        down = self.down
-        down.call = None
-        down.source = None
-        if not down.remote_closed and not down.pending and down.local_closed:
-            down.conn.reset(down, NO_ERROR)  # answered before the request ended: stop the client sending
+__all__ = ["DownstreamConnection", "Proxy"]
 
 
 class Proxy:
@@ -481,6 +65,7 @@ class Proxy:
         pools: dict[str, Pool],
         unary_methods: set[str],
         *,
+        idempotent_methods: set[str] | None = None,
         clock: Clock = MONOTONIC,
         rng: random.Random | None = None,
         flusher: Flusher | None = None,
@@ -488,7 +73,8 @@ class Proxy:
     ) -> None:
         self.router = router
         self.pools = pools
-        self.unary_methods = {m.encode() for m in unary_methods}
+        self.unary_methods = frozenset(m.encode() for m in unary_methods)
+        self.idempotent_methods = frozenset(m.encode() for m in (idempotent_methods or ()))
         self.clock = clock
         self.rng = rng if rng is not None else random.Random()
         self.flusher = flusher if flusher is not None else Flusher()
@@ -541,7 +127,7 @@ class Proxy:
     def new_call(self, st: Stream, headers: Headers, end: bool) -> None:
         head = self._heads.get(headers)
         if head is None:
-            head = RequestHead(headers)
+            head = RequestHead(headers, self.unary_methods, self.idempotent_methods)
             if head.timeout is None and len(self._heads) < 1024:
                 self._heads[headers] = head
         conn: DownstreamConnection = st.conn  # type: ignore[assignment]
@@ -549,7 +135,7 @@ class Proxy:
             conn.respond_http(st, *head.error)
             return
         call = Call(self, st, head, end)
-        st.call = call
+        st.handler = call
         self.in_flight += 1
         call.start = self.clock.now()
         if head.timeout is not None:  # armed now: a model-routed call may wait for its first bytes
@@ -589,6 +175,7 @@ class Proxy:
             return
         call.pool = pool
         pool.active += 1
+        pool.stats.count(pool.name, "routed")
         cb = pool.config.circuit_breakers
         if pool.active > cb.max_requests:
             pool.stats.count(pool.name, "circuit_open_requests")
@@ -622,55 +209,64 @@ class Proxy:
         call.deadline = deadline
         call.timer = asyncio.get_running_loop().call_later(max(0.0, deadline - self.clock.now()), call.on_deadline)
 
-    def attempt(self, call: Call) -> None:
-        if call.finished:
+    def attempt(self, call: Call, hedge: bool = False) -> None:
+        """Send one attempt of ``call`` to an endpoint the picker chooses (not one already tried, if it can)."""
+        if call.state is State.DONE:
             return
         pool = call.pool
         assert pool is not None
         now = self.clock.now()
+        exclude = call.tried
         for _ in range(4):  # an endpoint can be retired between snapshot and pick
             try:
-                ep = pool.picker.pick(pool.snapshot, call.exclude)
+                ep = pool.picker.pick(pool.snapshot, exclude)
             except NoEndpoint as exc:
-                if call.attempt == 0 and pool.config.activator.enabled and not pool.snapshot.entries:
+                if call.tries == 0 and pool.config.activator.enabled and not pool.snapshot.entries:
                     self.hold(call, pool)
                     return
                 pool.stats.count(pool.name, "no_endpoint")
-                call.fail(UNAVAILABLE, str(exc))
+                if not call.attempts:
+                    call.fail(UNAVAILABLE, str(exc))
                 return
             up = ep.upstream
-            if up is not None:
+            if up is not None and (not hedge or all(a.ep is not ep for a in call.attempts)):
                 break
-            call.exclude = ep
+            exclude = [*exclude, ep]
         else:
-            call.fail(UNAVAILABLE, f"no endpoint of pool '{pool.name}' is connectable")
+            if not call.attempts:
+                call.fail(UNAVAILABLE, f"no endpoint of pool '{pool.name}' is connectable")
             return
-        call.ep = ep
-        call.t0 = now
+        if pool.snapshot.panic:
+            pool.stats.count(pool.name, "panic_picks")
+        call.tries += 1
+        call.state = State.ATTEMPTING
+        a = Attempt(call, ep, call.tries, now)
+        call.attempts.append(a)
+        if ep not in call.tried:
+            call.tried.append(ep)
         ep.outstanding += 1
-        call.attempt += 1
-        if call.attempt > 1:
-            call.is_retry = True
+        if a.number > 1:
             pool.active_retries += 1
         conn = up.connection()
         if conn is None:  # connect backoff: fail this attempt now, maybe retry elsewhere
-            call.attempt_failed(f"endpoint {ep.address} of pool '{pool.name}' is unreachable"
-                                f" ({up.last_error or 'connect failed'})")
+            call.attempt_failed(a, f"endpoint {ep.address} of pool '{pool.name}' is unreachable"
+                                   f" ({up.last_error or 'connect failed'})")
             return
         if not conn.connected:
             cb = pool.config.circuit_breakers
             if pool.pending >= cb.max_pending:
                 pool.stats.count(pool.name, "circuit_open_pending")
-                call.end_attempt(Outcome.APP_ERROR, "RESOURCE_EXHAUSTED")
-                call.fail(RESOURCE_EXHAUSTED, f"pool '{pool.name}' is over its max_pending ({cb.max_pending})")
+                call.end_attempt(a, Outcome.APP_ERROR, "RESOURCE_EXHAUSTED")
+                if not call.attempts:
+                    call.fail(RESOURCE_EXHAUSTED, f"pool '{pool.name}' is over its max_pending ({cb.max_pending})")
                 return
             pool.pending += 1
-            call.pending = True
-        ust = conn.open_stream(call)
+            a.pending = True
+        ust = conn.open_stream(a)
+        a.stream = ust
         down = call.down
-        ust.source = None if call.retryable else down  # see Call.downstream_data
+        ust.source = None if call.retryable else down  # see Call.on_data
         down.source = ust
-        call.up = ust
         head = call.head
         block = head.block if head.has_authority else encode_field((b":authority", up.address.encode())) + head.block
         if call.deadline is not None:
@@ -686,6 +282,8 @@ class Proxy:
                 conn.send_data(ust, chunk, done and i == last)
         if not call.retryable:
             call.buffered = None
+        elif head.idempotent and pool.config.hedge.enabled:
+            a.timer = asyncio.get_running_loop().call_later(ep.rtt.timeout(pool.config.hedge), a.per_try_timeout)
 
     # ------------------------------------------------------------------ scale from zero
 
@@ -698,6 +296,7 @@ class Proxy:
                                           f"{len(pool.held)} requests (activator.max_requests)")
             return
         pool.stats.count(pool.name, "held")
+        call.state = State.HELD
         timer = asyncio.get_running_loop().call_later(act.timeout, self._held_too_long, call, pool)
         pool.hold(call, timer)
 
@@ -712,30 +311,34 @@ class Proxy:
         for call in pool.take_held():
             self.attempt(call)
 
-    def retry(self, call: Call) -> bool:
-        """Schedule another attempt if retry policy, budget, breaker and deadline allow."""
+    def retry(self, call: Call, kind: str) -> bool:
+        """Another attempt of ``call`` -- a ``"retry"`` after a failure or a ``"hedge"`` beside a slow
+        one -- if :func:`decide_retry` allows; counts the decision's counter either way."""
         pool = call.pool
-        if not call.retryable or pool is None or call.buffered is None:
+        if pool is None or call.state is State.DONE:
             return False
-        rcfg = pool.config.retry
-        if call.attempt >= rcfg.max_attempts or len(pool.snapshot) == 0:
+        cfg = pool.config
+        live = {id(a.ep) for a in call.attempts}
+        candidates = sum(1 for e in pool.snapshot.endpoints if id(e) not in live) if kind == "hedge" \
+            else len(pool.snapshot)
+        d = decide_retry(kind, retryable=call.retryable and call.buffered is not None,
+                         idempotent=call.head.idempotent, response_started=call.winner is not None,
+                         attempts=call.tries, max_attempts=cfg.retry.max_attempts, candidates=candidates,
+                         now=self.clock.now(), deadline=call.deadline,
+                         backoff_delay=backoff(call.tries, cfg.retry, self.rng),
+                         retries_in_flight=pool.active_retries, max_retries=cfg.circuit_breakers.max_retries,
+                         budget_available=pool.budget.available())
+        pool.stats.count(pool.name, d.counter)
+        if d.counter == "retry_budget_exhausted":
+            pool.budget.exhausted += 1
+        if not d.go:
             return False
-        stats = pool.stats
-        delay = backoff(call.attempt, rcfg, self.rng)
-        if call.deadline is not None and self.clock.now() + delay >= call.deadline:
-            stats.count(pool.name, "retry_deadline_exceeded")
-            return False
-        if pool.active_retries >= pool.config.circuit_breakers.max_retries:
-            stats.count(pool.name, "circuit_open_retries")
-            return False
-        if not pool.budget.try_withdraw():
-            stats.count(pool.name, "retry_budget_exhausted")
-            return False
-        stats.count(pool.name, "retries")
-        if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self.attempt, call)
+        pool.budget.withdraw()
+        if d.delay > 0:
+            call.state = State.BACKOFF
+            asyncio.get_running_loop().call_later(d.delay, self.attempt, call)
         else:
-            self.attempt(call)
+            self.attempt(call, hedge=kind == "hedge")
         return True
 
     def respond_locally(self, call: Call, message: bytes) -> None:

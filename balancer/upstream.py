@@ -106,9 +106,9 @@ class UpstreamConnection(H2Connection):
         self.streams.clear()
         for st in streams:
             self.forget(st)
-            call, st.call = st.call, None
-            if call is not None:
-                call.upstream_failed(reason)
+            handler, st.handler = st.handler, None
+            if handler is not None:
+                handler.on_failed(reason)
         self._set_idle()
 
     def _set_idle(self) -> None:
@@ -117,13 +117,13 @@ class UpstreamConnection(H2Connection):
 
     # ------------------------------------------------------------------ streams
 
-    def open_stream(self, call: StreamHandler) -> Stream:
+    def open_stream(self, handler: StreamHandler) -> Stream:
         sid = self.next_sid
         self.next_sid += 2
         if self.next_sid > MAX_STREAM_ID:
             self.retire()
         st = Stream(sid, self)
-        st.call = call
+        st.handler = handler
         self.streams[sid] = st
         return st
 
@@ -133,33 +133,34 @@ class UpstreamConnection(H2Connection):
             return
         if end_stream:
             st.remote_closed = True
-        if st.call is not None:
-            st.call.upstream_headers(headers, end_stream)
+        if st.handler is not None:
+            st.handler.on_headers(headers, end_stream)
         if end_stream:
             self._remote_close(st)
 
     def on_data(self, st: Stream, data: bytes, end_stream: bool) -> None:
-        if st.call is not None:
-            st.call.upstream_data(data, end_stream)
+        if st.handler is not None:
+            st.handler.on_data(data, end_stream)
 
     def on_reset(self, st: Stream, code: int) -> None:
-        if st.call is not None:
-            st.call.upstream_failed(f"upstream {self.upstream.address} reset the stream (HTTP/2 error {code})")
+        if st.handler is not None:
+            # REFUSED_STREAM: the server did not process it (RFC 9113 8.7), like streams above a GOAWAY's last id
+            st.handler.on_failed(f"upstream {self.upstream.address} reset the stream (HTTP/2 error {code})")
 
     def on_goaway(self, last_stream: int, code: int, debug: bytes) -> None:
         self.retire()
         for sid in [s for s in self.streams if s > last_stream]:
             st = self.streams.pop(sid)
             self.forget(st)
-            call, st.call = st.call, None
-            if call is not None:
-                call.upstream_failed(f"upstream {self.upstream.address} is going away")
+            handler, st.handler = st.handler, None
+            if handler is not None:
+                handler.on_failed(f"upstream {self.upstream.address} is going away")
         if not self.streams:
             self._set_idle()
             self.close()
 
     def stream_closed(self, st: Stream) -> None:
-        st.call = None
+        st.handler = None
         if self.retiring and not self.streams:
             self._set_idle()
             self.close()

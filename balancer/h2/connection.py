@@ -107,33 +107,30 @@ class Flusher:
 
 
 class StreamHandler(Protocol):
-    """Where a stream's events go: the proxied call both of its streams belong to.
+    """Where one stream's events go: the proxy's call for a client's stream, an attempt for an upstream one.
 
-    The downstream (client-facing) connection reports request bytes and cancellation; the
-    upstream connection reports response headers/trailers, response bytes and failures.
+    ``on_headers`` gets a header block (``end``: it ended the stream, i.e. trailers or trailers-only),
+    ``on_data`` the stream's bytes, ``on_failed`` why the stream can carry nothing more (reset,
+    connection lost, refused by GOAWAY, connect failure).
     """
 
-    def downstream_data(self, data: bytes, end: bool) -> None: ...
+    def on_headers(self, headers: Headers, end: bool) -> None: ...
 
-    def downstream_cancelled(self) -> None: ...
+    def on_data(self, data: bytes, end: bool) -> None: ...
 
-    def upstream_headers(self, headers: Headers, end: bool) -> None: ...
-
-    def upstream_data(self, data: bytes, end: bool) -> None: ...
-
-    def upstream_failed(self, reason: str) -> None: ...
+    def on_failed(self, reason: str) -> None: ...
 
 
 class Stream:
-    """One HTTP/2 stream on one connection; ``call`` is the proxied call it belongs to."""
+    """One HTTP/2 stream on one connection; ``handler`` receives its events."""
 
-    __slots__ = ("call", "conn", "id", "local_closed", "pending", "recv_unacked", "remote_closed", "send_window",
+    __slots__ = ("conn", "handler", "id", "local_closed", "pending", "recv_unacked", "remote_closed", "send_window",
                  "source")
 
     def __init__(self, sid: int, conn: H2Connection) -> None:
         self.id = sid
         self.conn = conn
-        self.call: StreamHandler | None = None
+        self.handler: StreamHandler | None = None
         self.source: Stream | None = None
         self.send_window = conn.peer_initial_window
         #: frames waiting for send window: (is_headers, payload, end_stream)

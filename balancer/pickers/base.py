@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from typing import Protocol
 
 from modelyard.balancer.endpoint import Endpoint, Entry, NoEndpoint, Outcome, Snapshot
@@ -14,12 +15,12 @@ class Picker(Protocol):
 
     ``pick`` must not block; it raises :class:`NoEndpoint` on an empty snapshot.
     ``on_done`` is called exactly once per picked attempt with its latency in seconds.
-    ``exclude`` lets a retry avoid the endpoint that just failed (ignored if it is the only one).
+    ``exclude`` lets a retry or a hedge avoid endpoints already tried (ignored where nothing else is left).
     """
 
     name: str
 
-    def pick(self, snapshot: Snapshot, exclude: Endpoint | None = None) -> Endpoint: ...
+    def pick(self, snapshot: Snapshot, exclude: Collection[Endpoint] = ()) -> Endpoint: ...
 
     def on_done(self, endpoint: Endpoint, outcome: Outcome, latency: float) -> None: ...
 
@@ -39,11 +40,13 @@ class BasePicker:
         return None
 
     @staticmethod
-    def candidates(snapshot: Snapshot, exclude: Endpoint | None) -> tuple[Entry, ...]:
-        """The snapshot's entries, without ``exclude`` unless it is the only one."""
+    def candidates(snapshot: Snapshot, exclude: Collection[Endpoint]) -> tuple[Entry, ...]:
+        """The snapshot's entries without those in ``exclude`` -- all of them when that would leave none."""
         entries = snapshot.entries
         if not entries:
             raise NoEndpoint(snapshot.pool)
-        if exclude is not None and len(entries) > 1 and exclude in snapshot.endpoints:
-            return tuple(e for e in entries if e.endpoint is not exclude)
+        if exclude:
+            rest = tuple(e for e in entries if e.endpoint not in exclude)
+            if rest:
+                return rest
         return entries

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from modelyard.balancer.endpoint import Endpoint, Entry, Snapshot
 from modelyard.balancer.pickers.base import BasePicker
 from modelyard.balancer.pickers.p2c import pick_two
@@ -17,5 +19,5 @@ class LeastConn(BasePicker):
 
     name = "least_conn"
 
-    def pick(self, snapshot: Snapshot, exclude: Endpoint | None = None) -> Endpoint:
+    def pick(self, snapshot: Snapshot, exclude: Collection[Endpoint] = ()) -> Endpoint:
         return pick_two(self.candidates(snapshot, exclude), self.rng, _cost)

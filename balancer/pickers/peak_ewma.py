@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from modelyard.balancer.endpoint import Endpoint, Entry, Outcome, Snapshot
 from modelyard.balancer.load import PeakEwma as PeakEwmaLoad
 from modelyard.balancer.pickers.base import BasePicker
@@ -41,7 +43,7 @@ class PeakEwma(BasePicker):
             e.load = load
         return load
 
-    def pick(self, snapshot: Snapshot, exclude: Endpoint | None = None) -> Endpoint:
+    def pick(self, snapshot: Snapshot, exclude: Collection[Endpoint] = ()) -> Endpoint:
         now = self.clock.now()
         load_of = self.load_of
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from modelyard.balancer.endpoint import Endpoint, Snapshot
 from modelyard.balancer.pickers.base import BasePicker
 
@@ -11,7 +13,7 @@ class RandomPicker(BasePicker):
 
     name = "random"
 
-    def pick(self, snapshot: Snapshot, exclude: Endpoint | None = None) -> Endpoint:
+    def pick(self, snapshot: Snapshot, exclude: Collection[Endpoint] = ()) -> Endpoint:
         eps = self.candidates(snapshot, exclude)
         if len(eps) == 1:
             return eps[0].endpoint

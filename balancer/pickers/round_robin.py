@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from modelyard.balancer.endpoint import Endpoint, Snapshot
 from modelyard.balancer.pickers.base import BasePicker
 
@@ -15,7 +17,7 @@ class RoundRobin(BasePicker):
         super().__init__(**kw)  # type: ignore[arg-type]
         self._next = self.rng.randrange(1 << 30)
 
-    def pick(self, snapshot: Snapshot, exclude: Endpoint | None = None) -> Endpoint:
+    def pick(self, snapshot: Snapshot, exclude: Collection[Endpoint] = ()) -> Endpoint:
         eps = self.candidates(snapshot, exclude)
         i = self._next
         self._next = i + 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from modelyard.balancer.endpoint import Endpoint, Snapshot
 from modelyard.balancer.pickers.base import BasePicker
 
@@ -20,7 +22,7 @@ class WeightedRoundRobin(BasePicker):
         self._version: tuple[int, str] | None = None
         self._credit: dict[Endpoint, float] = {}
 
-    def pick(self, snapshot: Snapshot, exclude: Endpoint | None = None) -> Endpoint:
+    def pick(self, snapshot: Snapshot, exclude: Collection[Endpoint] = ()) -> Endpoint:
         eps = self.candidates(snapshot, exclude)
         key = (snapshot.version, snapshot.pool)
         if key != self._version:

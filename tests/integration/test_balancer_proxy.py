@@ -33,6 +33,8 @@ class Backend:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.calls = 0
+        #: when set, unary calls are never answered (a hung process)
+        self.hang = False
         self.health = health.aio.HealthServicer()
 
     async def start(self) -> None:
@@ -40,6 +42,8 @@ class Backend:
 
         async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             self.calls += 1
+            if self.hang:
+                await asyncio.sleep(3600)
             md = dict(context.invocation_metadata())
             await context.send_initial_metadata((("x-backend", name),))
             context.set_trailing_metadata((("x-echo", md.get("x-test", "")),))
@@ -517,3 +521,38 @@ async def test_without_the_activator_an_empty_pool_fails_fast() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await ch.unary_unary("/t.T/Unary")(b"x", timeout=5)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+# ------------------------------------------------------------------ per-try timeouts and hedging
+
+
+HEDGED = {"unary_methods": ["/t.T/Unary"], "idempotent_methods": ["/t.T/Unary"]}
+
+
+async def test_a_hung_endpoint_costs_a_per_try_timeout_not_the_deadline(backends: list[Backend]) -> None:
+    backends[0].hang = True
+    pools = {"p": pool_of(backends[0].address, backends[1].address, health_check={"enabled": False},
+                          hedge={"min_per_try": 0.05, "initial_per_try": 0.1})}
+    async with balancer(pools, **{k: v for k, v in HEDGED.items() if k != "unary_methods"}) as b, channel(b) as ch:
+        call = ch.unary_unary("/t.T/Unary")
+        for i in range(20):
+            t0 = time.monotonic()
+            assert await call(b"h%d" % i, timeout=5) == b"h%d" % i
+            assert time.monotonic() - t0 < 1.0  # a per-try timeout, never the 5 s deadline
+        ev = b.stats.events
+        assert ev[("p", "hedges")] >= 1 and ev[("p", "per_try_timeouts")] >= 1
+        assert ev[("p", "ejections")] >= 1  # the hedges' losses are failures: the hung endpoint is ejected
+        hung = b.pools["p"].endpoints[backends[0].address]
+        await until(lambda: hung.outstanding == 0, what="the hung attempts to be cancelled")
+
+
+async def test_a_call_that_is_not_idempotent_is_never_hedged(backends: list[Backend]) -> None:
+    backends[0].hang = True
+    pools = {"p": pool_of(backends[0].address, health_check={"enabled": False},
+                          hedge={"min_per_try": 0.05, "initial_per_try": 0.05})}
+    async with balancer(pools) as b, channel(b) as ch:  # /t.T/Unary is unary, not declared idempotent
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/t.T/Unary")(b"once", timeout=0.5)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert backends[0].calls == 1
+        assert b.stats.events[("p", "hedges")] == 0

@@ -153,3 +153,43 @@ def test_sources_merge_and_removal_keeps_other_sources() -> None:
     pool.set_source("file", [])
     assert set(pool.endpoints) == {"127.0.10.0:1"}  # still listed by "static"
     assert pool.remove("127.0.10.0:1") and not pool.endpoints
+
+
+@pytest.mark.parametrize(("kind", "changes", "go", "counter"), [
+    ("retry", {}, True, "retries"),
+    ("hedge", {}, True, "hedges"),
+    ("hedge", {"idempotent": False}, False, "hedge_not_idempotent"),
+    ("retry", {"idempotent": False}, True, "retries"),  # a failed attempt was not processed: retry is safe
+    ("retry", {"response_started": True}, False, "retry_after_response"),
+    ("retry", {"retryable": False}, False, "retry_not_retryable"),
+    ("retry", {"attempts": 3}, False, "retry_attempts_exhausted"),
+    ("hedge", {"candidates": 0}, False, "retry_no_endpoint"),
+    ("retry", {"deadline": 10.005}, False, "retry_deadline_exceeded"),  # the backoff would pass it
+    ("hedge", {"deadline": 10.005}, True, "hedges"),                    # a hedge leaves at once
+    ("retry", {"retries_in_flight": 64}, False, "circuit_open_retries"),
+    ("retry", {"budget_available": False}, False, "retry_budget_exhausted"),
+])
+def test_the_retry_decision_names_the_counter_it_increments(kind: str, changes: dict, go: bool, counter: str) -> None:
+    from modelyard.balancer.retry import decide_retry
+
+    args = {"retryable": True, "idempotent": True, "response_started": False, "attempts": 1, "max_attempts": 3,
+            "candidates": 2, "now": 10.0, "deadline": 20.0, "backoff_delay": 0.01, "retries_in_flight": 0,
+            "max_retries": 64, "budget_available": True, **changes}
+    d = decide_retry(kind, **args)
+    assert (d.go, d.counter) == (go, counter)
+    assert d.delay == (0.01 if go and kind == "retry" else 0.0)
+
+
+def test_per_try_timeouts_follow_each_endpoints_own_latency() -> None:
+    from modelyard.balancer.retry import HedgeConfig, RttEstimator
+
+    cfg = HedgeConfig(factor=4.0, min_per_try=0.05, max_per_try=10.0, initial_per_try=1.0)
+    fast, slow = RttEstimator(), RttEstimator()
+    assert fast.timeout(cfg) == 1.0  # nothing measured yet
+    for _ in range(50):
+        fast.observe(0.002)
+        slow.observe(0.400)
+    assert fast.timeout(cfg) == 0.05               # the floor
+    assert slow.timeout(cfg) == pytest.approx(0.4, rel=0.05)
+    slow.observe(2.0)                              # a spike widens the deviation
+    assert slow.timeout(cfg) > 1.0
