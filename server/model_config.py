@@ -17,7 +17,7 @@ from modelyard.config import Check, ConfigError, load, read_yaml
 from modelyard.protos import model_config_pb2 as mc
 from modelyard.protos.tensors import CONFIG_TYPES, DTYPES
 
-#: a datatype that accepts anything (the identity demo model); reported as TYPE_INVALID on the wire
+#: not a datatype: configs that used it are told to declare one and list the others in accept_datatypes
 ANY = "ANY"
 INSTANCE_KINDS = ("CPU", "GPU", "AUTO")
 
@@ -35,10 +35,14 @@ class TensorSpec:
     """An input or output: name, protocol datatype, dims without the batch dimension (-1 = variable)."""
 
     name: str = ""
+    #: the datatype metadata and the model config report (one of the protocol's)
     datatype: str = field(default="", metadata={"key": "data_type", "aliases": ("datatype",)})
-    #: None = any rank and shape (only for datatype-agnostic demo models)
+    #: None = any rank and shape (only for tensors with accept_datatypes: datatype-agnostic demo models)
     dims: list[int] | None = field(default=None, metadata={"aliases": ("shape",)})
     optional: bool = False
+    #: modelyard: other datatypes this tensor also takes (inputs) or may have (outputs, left uncast);
+    #: the protocol's metadata has room for one datatype, so only ``datatype`` is reported
+    accept_datatypes: list[str] = field(default_factory=list)
 
     @classmethod
     def normalize(cls, raw: Any) -> Any:
@@ -48,19 +52,30 @@ class TensorSpec:
         for key in ("data_type", "datatype"):
             if key in out:
                 out[key] = _datatype(out[key])
+        if isinstance(out.get("accept_datatypes"), list):
+            out["accept_datatypes"] = [_datatype(d) for d in out["accept_datatypes"]]
         return out
 
     def validate(self, check: Check) -> None:
         check(bool(self.name), "name", "is required")
         if not self.datatype:
             check.fail("datatype", "is required (e.g. TYPE_FP32 or FP32)")
-        elif self.datatype != ANY and self.datatype not in DTYPES:
-            check.fail("datatype", f"unknown datatype {self.datatype!r}; one of {', '.join(DTYPES)} or ANY")
+        elif self.datatype == ANY:
+            check.fail("datatype", "ANY is not a protocol datatype: declare one (e.g. FP32) and list the others "
+                                   "the tensor takes in accept_datatypes")
+        elif self.datatype not in DTYPES:
+            check.fail("datatype", f"unknown datatype {self.datatype!r}; one of {', '.join(DTYPES)}")
+        bad = [d for d in self.accept_datatypes if d not in DTYPES]
+        check(not bad, "accept_datatypes", f"unknown datatype(s) {bad}; one of {', '.join(DTYPES)}")
         if self.dims is None:
-            check(self.datatype in (ANY, ""), "dims", "is required (use -1 for a variable dimension)")
+            check(bool(self.accept_datatypes) or not self.datatype, "dims",
+                  "is required (use -1 for a variable dimension)")
         else:
             check(all(d == -1 or d > 0 for d in self.dims), "dims",
                   f"dimensions must be positive or -1, got {self.dims}")
+
+    def accepts(self, datatype: str) -> bool:
+        return datatype == self.datatype or datatype in self.accept_datatypes
 
 
 @dataclass(slots=True)
@@ -303,8 +318,6 @@ _PROTO_TYPE = {v: k for k, v in CONFIG_TYPES.items() if k != "TYPE_BYTES"}
 
 
 def _proto_dtype(datatype: str) -> int:
-    if datatype == ANY:
-        return mc.TYPE_INVALID
     return int(mc.DataType.Value(_PROTO_TYPE.get(datatype, "TYPE_INVALID")))
 
 

@@ -193,7 +193,8 @@ class ModelRepository:
         batch = [-1] if cfg.max_batch_size > 0 else []
 
         def tensor(spec: TensorSpec) -> dict[str, Any]:
-            # ANY inputs (identity) report datatype "ANY" and one variable dimension
+            # the declared datatype only (accept_datatypes has no place in the protocol's metadata);
+            # a tensor of any shape (dims omitted) reports one variable dimension
             return {"name": spec.name, "datatype": spec.datatype, "shape": batch + (spec.dims if spec.dims is not None else [-1])}
 
         return {

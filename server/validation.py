@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modelyard.protos.tensors import datatype_of
 from modelyard.server.errors import InvalidInput
-from modelyard.server.model_config import ANY, ModelConfig
+from modelyard.server.model_config import ModelConfig
 from modelyard.server.types import InferRequest
 
 
@@ -25,10 +25,10 @@ def validate_request(cfg: ModelConfig, req: InferRequest) -> None:
             if spec.optional:
                 continue
             raise InvalidInput(f"missing input '{spec.name}' for model '{cfg.name}'")
-        if spec.datatype != ANY:
-            got = datatype_of(arr)
-            if got != spec.datatype:
-                raise InvalidInput(f"input '{spec.name}': expected datatype {spec.datatype}, got {got}")
+        got = datatype_of(arr)
+        if not spec.accepts(got):
+            also = f" (or {', '.join(spec.accept_datatypes)})" if spec.accept_datatypes else ""
+            raise InvalidInput(f"input '{spec.name}': expected datatype {spec.datatype}{also}, got {got}")
         shape = tuple(int(d) for d in arr.shape)
         if cfg.max_batch_size > 0:
             # The batch dimension is checked for every input, datatype-agnostic ones too: the

@@ -77,32 +77,38 @@ INLINE_BYTES = 256 * 1024
 ENCODINGS = ("gzip", "deflate")
 
 
-def error_json(status: int, message: str) -> web.Response:
+def error_json(status: int, message: str, openai: bool = False) -> web.Response:
+    """KServe's ``{"error": "..."}``; on the OpenAI-style paths OpenAI's ``{"error": {"message", ...}}``."""
+    if openai:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                                 status=status)
     return web.json_response({"error": message}, status=status)
 
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The REST twin of the gRPC error mapping: JSON ``{"error": ...}`` with the matching HTTP status."""
+    openai = request.path.startswith("/v1/")
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         if exc.status == 404:
-            return error_json(404, f"no route {request.method} {request.path}")
+            return error_json(404, f"no route {request.method} {request.path}", openai)
         if exc.status == 405:
-            return error_json(405, f"method {request.method} is not allowed on {request.path}")
+            return error_json(405, f"method {request.method} is not allowed on {request.path}", openai)
         if exc.status == 413:
             return error_json(413, f"request body larger than the {request.app[MAX_BODY_KEY]} bytes allowed "
-                                   "(--max-message-mb)")
-        return error_json(exc.status, exc.text or exc.reason)
+                                   "(--max-message-mb)", openai)
+        return error_json(exc.status, exc.text or exc.reason, openai)
     except ModelyardError as exc:
-        return error_json(exc.http, exc.message)
+        return error_json(exc.http, exc.message, openai)
     except Exception as exc:
         log.exception("HTTP %s %s failed", request.method, request.path)
         err = as_modelyard_error(exc)
-        return error_json(err.http, err.message)
+        return error_json(err.http, err.message, openai)
 
 
 async def offload(big: bool, fn: Callable[..., T], *args: Any) -> T:
@@ -193,10 +199,12 @@ MIN_COMPRESS_BYTES = 512
 
 
 async def respond(request: web.Request, body: bytes, content_type: str = "application/json",
-                  headers: dict[str, str] | None = None, status: int = 200) -> web.Response:
-    """A response compressed as the client's ``Accept-Encoding`` allows (bodies of 512 bytes or more)."""
+                  headers: dict[str, str] | None = None, status: int = 200, *, compressible: bool = False) -> web.Response:
+    """A response; ``compressible`` ones (inference results, as in Triton) are compressed as the client's
+    ``Accept-Encoding`` allows when they are 512 bytes or more. Other documents never are: HTTP clients
+    send ``Accept-Encoding: gzip, deflate`` by default, and tritonclient.http.aio decompresses infer only."""
     out = dict(headers or {})
-    encoding = accepted_encoding(request.headers.get("Accept-Encoding"))
+    encoding = accepted_encoding(request.headers.get("Accept-Encoding")) if compressible else None
     if encoding is not None and len(body) >= MIN_COMPRESS_BYTES:
         body = await offload(len(body) > INLINE_BYTES // 4, compress, body, encoding)
         out["Content-Encoding"] = encoding
@@ -393,18 +401,24 @@ def proto_json(msg: Message) -> dict[str, Any]:
         oneof = fd.containing_oneof
         if oneof is not None and msg.WhichOneof(oneof.name) != fd.name:
             continue
-        singular_message = fd.type == FieldDescriptor.TYPE_MESSAGE and fd.label != FieldDescriptor.LABEL_REPEATED
+        singular_message = fd.type == FieldDescriptor.TYPE_MESSAGE and not _repeated(fd)
         if singular_message and not msg.HasField(fd.name):
             continue
         out[fd.name] = _proto_value(fd, getattr(msg, fd.name))
     return out
 
 
+def _repeated(fd: FieldDescriptor) -> bool:
+    # protobuf >= 6.32 has is_repeated and deprecates label; 6.31 has only label
+    flag = getattr(fd, "is_repeated", None)
+    return bool(flag) if flag is not None else fd.label == FieldDescriptor.LABEL_REPEATED
+
+
 def _proto_value(fd: FieldDescriptor, value: Any) -> Any:
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
         vfd = fd.message_type.fields_by_name["value"]
         return {k: _proto_scalar(vfd, v) for k, v in value.items()}
-    if fd.label == FieldDescriptor.LABEL_REPEATED:
+    if _repeated(fd):
         return [_proto_scalar(fd, v) for v in value]
     return _proto_scalar(fd, value)
 
@@ -476,8 +490,9 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
         big = sum(getattr(v, "nbytes", 0) for v in resp.outputs.values()) > INLINE_BYTES
         head, tail = await offload(big, encode_infer, resp, mv.config, decoded, written)
         if tail is None:
-            return await respond(request, head)
-        return await respond(request, head + tail, "application/octet-stream", {INFERENCE_HEADER: str(len(head))})
+            return await respond(request, head, compressible=True)
+        return await respond(request, head + tail, "application/octet-stream", {INFERENCE_HEADER: str(len(head))},
+                             compressible=True)
 
     async def models(request: web.Request) -> web.Response:
         return await respond_json(request, {"models": [

@@ -15,7 +15,7 @@ import numpy as np
 
 from modelyard.protos.tensors import DTYPES, TensorError, datatype_of, from_raw, to_raw
 from modelyard.server.errors import InvalidInput
-from modelyard.server.model_config import ANY, ModelConfig
+from modelyard.server.model_config import ModelConfig
 from modelyard.server.shared_memory import REGION_PARAM, SHM_PARAMS, SIZE_PARAM, SharedMemoryRegistry, ShmRef
 from modelyard.server.types import InferRequest, InferResponse
 
@@ -48,10 +48,12 @@ class WrittenOutput:
 def conform_output(arr: np.ndarray, cfg: ModelConfig | None, name: str) -> tuple[np.ndarray, str]:
     """Cast an output to the datatype its config declares (models often compute in float64).
 
-    Object arrays (text, and classification results) stay BYTES whatever the declaration.
+    Object arrays (text, and classification results) stay BYTES whatever the declaration, and so does
+    an output whose datatype is one of the spec's ``accept_datatypes``.
     """
     spec = cfg.output(name) if cfg is not None else None
-    if spec is not None and spec.datatype not in (ANY, "BYTES") and arr.dtype != object:
+    if (spec is not None and spec.datatype != "BYTES" and arr.dtype != object
+            and not (spec.accept_datatypes and datatype_of(arr) in spec.accept_datatypes)):
         want = DTYPES[spec.datatype]
         if arr.dtype != want:
             arr = arr.astype(want)

@@ -25,7 +25,8 @@ from modelyard.server.validation import validate_request
 
 def test_zero_row_request_to_a_batching_model_is_invalid_even_for_any_inputs():
     cfg = parse_config({"max_batch_size": 8, "dynamic_batching": {},
-                        "input": [{"name": "X", "data_type": "ANY"}], "output": [{"name": "Y", "data_type": "ANY"}]},
+                        "input": [{"name": "X", "data_type": "FP32", "accept_datatypes": ["INT8"]}],
+                        "output": [{"name": "Y", "data_type": "FP32", "dims": [-1]}]},
                        "m")
     with pytest.raises(InvalidInput, match=r"input 'X': batch size 0 outside 1..max_batch_size"):
         validate_request(cfg, InferRequest(model="m", inputs={"X": np.zeros((0, 3), np.float32)}))
