@@ -83,3 +83,18 @@ def test_chat_prompt():
         "system: be brief\nuser: hi there\nassistant:"
     with pytest.raises(InvalidInput):
         chat_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+
+
+def test_gpu_memory_above_the_threshold_degrades_health(tmp_path):
+    """No GPU here: assess() is given the GPU reading a CUDA machine would produce."""
+    from modelyard.server.health import assess
+    from modelyard.server.repository import ModelRepository
+
+    repo = ModelRepository(tmp_path)
+    repo.failed["m"] = "boom"
+    full = [{"device": "cuda:0", "used_bytes": 95, "total_bytes": 100, "used_fraction": 0.95}]
+    report = assess(repo, started=True, shutting_down=False, queue_depth_limit=10, gpu_memory_limit=0.9, gpus=full)
+    assert report.status == "unhealthy"  # nothing is READY
+    assert "cuda:0 memory 95% used > 90%" in report.reasons and "no model is available" in report.reasons
+    report = assess(repo, started=False, shutting_down=False, queue_depth_limit=10, gpu_memory_limit=0.9, gpus=[])
+    assert "the server is starting" in report.reasons
