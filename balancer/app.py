@@ -76,6 +76,9 @@ class Balancer:
         self._workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
         self._worker_reports: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         self._push_scheduled = False
+        #: the xDS control plane (control or single role, when configured)
+        self.xds: Any = None
+        self.xds_port: int | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -114,6 +117,11 @@ class Balancer:
             checker.sync()
         if self.role != "worker" and self.cfg.admin.address is not None:
             await self._start_admin()
+        if self.role != "worker" and self.cfg.xds.address is not None:
+            from modelyard.balancer.xds import ControlPlane
+
+            self.xds = ControlPlane(self.cfg, self.pools, self.clock.now)
+            self.xds_port = await self.xds.start(self.cfg.xds.address)
 
     async def _start_server(self, reuseport: bool) -> None:
         self.serving = True
@@ -180,6 +188,8 @@ class Balancer:
         return {name: pool.control_state() for name, pool in self.pools.items()}
 
     def _on_pool_change(self, pool: Pool) -> None:
+        if self.xds is not None:
+            self.xds.changed()
         checker = self._checkers.get(pool.name)
         if checker is not None:
             with contextlib.suppress(RuntimeError):
@@ -270,6 +280,8 @@ class Balancer:
                 proc.join(5)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self.xds is not None:
+            await self.xds.close()
         for pool in self.pools.values():
             await pool.close()
         await self._probe.close()

@@ -66,13 +66,15 @@ def code_name(code: int) -> str:
 class Attempt:
     """One try of a call on one endpoint: the handler of its upstream stream, and its accounting."""
 
-    __slots__ = ("call", "ep", "live", "number", "pending", "stream", "t0", "timed_out", "timer")
+    __slots__ = ("call", "ep", "inflight", "live", "number", "pending", "stream", "t0", "timed_out", "timer")
 
     def __init__(self, call: Call, ep: Endpoint, number: int, t0: float) -> None:
         self.call = call
         self.ep = ep
         self.number = number
         self.t0 = t0
+        #: the endpoint's other attempts in flight when this one was sent (latency-vs-load models learn from it)
+        self.inflight = ep.outstanding
         self.stream: Stream | None = None
         #: counted in the pool's ``pending`` (its connection was not up when it was sent)
         self.pending = False
@@ -281,7 +283,7 @@ class Call:
             a.pending = False
         if a.number > 1:
             pool.active_retries -= 1
-        pool.record(a.ep, outcome, self.proxy.clock.now() - a.t0, code)
+        pool.record(a.ep, outcome, self.proxy.clock.now() - a.t0, code, a.inflight)
 
     def fail(self, code: int, message: str) -> None:
         """End the call with ``code`` (trailers-only unless response headers went out)."""

@@ -15,6 +15,7 @@ from typing import Any
 from modelyard.balancer.outlier import OutlierConfig
 from modelyard.balancer.pickers import PICKERS
 from modelyard.balancer.retry import HedgeConfig, RetryConfig
+from modelyard.balancer.xds import XdsConfig
 from modelyard.config import Check, ConfigError, load, read_yaml, to_dict
 
 __all__ = ["BalancerConfig", "ConfigError", "PoolConfig", "config_from_dict", "config_to_dict", "host_port_ok",
@@ -283,6 +284,8 @@ class BalancerConfig:
     idempotent_methods: list[str] = field(default_factory=list)
     max_message_bytes: int = 256 * 1024 * 1024
     drain: DrainConfig = field(default_factory=DrainConfig)
+    #: the xDS control plane for Envoy and proxyless gRPC clients (off unless ``xds.address`` is set)
+    xds: XdsConfig = field(default_factory=XdsConfig)
 
     def validate(self, check: Check) -> None:
         check(bool(self.listeners), "listeners", "at least one listener is required")

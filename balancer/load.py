@@ -58,3 +58,70 @@ class PeakEwma:
     def cost(self, now: float, outstanding: int) -> float:
         """Peak-EWMA load: ``rtt * (outstanding + 1)``."""
         return self.estimate(now) * (outstanding + 1)
+
+
+class LatencyModel:
+    """Latency of one endpoint as a function of its requests in flight: ``L(n) = base + slope * n``.
+
+    Why not Peak-EWMA's ``rtt * (n + 1)``: the measured rtt already contains whatever queueing the
+    endpoint does, and the ``(n + 1)`` multiplies it again. Against servers whose latency does not grow
+    with concurrency (I/O bound, or batching accelerators) a burst of ``n`` in flight then makes fast
+    endpoints look ``n`` times slower than they are, and picks drift to the slow one; against CPU-bound
+    servers, where it does grow, the multiplication is roughly right. This model *measures* how much
+    latency each request in flight adds, per endpoint, instead of assuming it:
+
+    - ``slope`` -- a weighted least-squares fit of latency on in-flight-at-send over recent samples
+      (exponentially forgotten over ``tau`` seconds, each sample at least ``min_weight`` of the fit),
+      never below ``floor`` x base (a tie-break towards fewer in flight) and never above ``2 x`` the
+      mean latency seen (a wild fit from few distinct ``n`` must not exile an endpoint);
+    - ``base`` -- the latency at no load: a :class:`PeakEwma` of each sample minus its load share
+      (``L - slope * n``), so a stall or a newly slow endpoint is seen at once and forgotten over ``tau``,
+      and an idle endpoint's estimate decays and it is probed again.
+    """
+
+    __slots__ = ("base", "floor", "min_weight", "slope", "stamp", "tau", "w", "wl", "wn", "wnl", "wnn")
+
+    def __init__(self, now: float, rtt_prior: float, tau: float, min_weight: float = 0.02, floor: float = 0.05) -> None:
+        self.base = PeakEwma(now, rtt_prior, tau, min_weight=0.1)
+        self.tau = tau
+        self.min_weight = min_weight
+        self.floor = floor
+        self.slope = floor * rtt_prior
+        self.stamp = now
+        # weighted sums of the fit: weight, n, latency, n^2, n*latency
+        self.w = self.wn = self.wl = self.wnn = self.wnl = 0.0
+
+    def observe(self, now: float, inflight: int, latency: float) -> None:
+        """One answered request: sent with ``inflight`` others in flight to this endpoint, took ``latency`` s."""
+        dt = now - self.stamp
+        keep = math.exp(-dt / self.tau) if dt > 0.0 else 1.0
+        cap = (1.0 / self.min_weight - 1.0) / self.w if self.w > 0.0 else 1.0
+        if keep > cap:
+            keep = cap
+        n = float(inflight)
+        self.w = self.w * keep + 1.0
+        self.wn = self.wn * keep + n
+        self.wl = self.wl * keep + latency
+        self.wnn = self.wnn * keep + n * n
+        self.wnl = self.wnl * keep + n * latency
+        if now > self.stamp:
+            self.stamp = now
+        mean_n = self.wn / self.w
+        var_n = self.wnn / self.w - mean_n * mean_n
+        mean_l = self.wl / self.w
+        if var_n > 0.25:  # enough spread in n to tell its effect from noise
+            slope = (self.wnl / self.w - mean_n * mean_l) / var_n
+            lo = self.floor * self.base.rtt
+            hi = 2.0 * mean_l
+            self.slope = lo if slope < lo else hi if slope > hi else slope
+        elif self.slope < self.floor * self.base.rtt:
+            self.slope = self.floor * self.base.rtt
+        self.base.observe(now, max(latency - self.slope * n, 0.0))
+
+    def estimate(self, now: float) -> float:
+        """Latency at no load as of ``now`` (decayed over idle time)."""
+        return self.base.estimate(now)
+
+    def cost(self, now: float, outstanding: int) -> float:
+        """Expected latency of one more request now: ``base + slope * outstanding``."""
+        return self.base.estimate(now) + self.slope * outstanding

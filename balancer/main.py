@@ -96,7 +96,8 @@ async def serve(cfg: BalancerConfig) -> int:
     hosts = [lst.address.rpartition(":")[0] for lst in cfg.listeners]
     admin = f"{cfg.admin.address.rpartition(':')[0]}:{b.admin_port}" if b.admin_port and cfg.admin.address else None
     # the one structured line every long-running modelyard command prints (modelyard.launcher reads it)
-    print_ready(grpc=",".join(f"{h}:{p}" for h, p in zip(hosts, b.ports, strict=False)), admin=admin,
+    xds = f"{cfg.xds.address.rpartition(':')[0]}:{b.xds_port}" if b.xds_port and cfg.xds.address else None
+    print_ready(grpc=",".join(f"{h}:{p}" for h, p in zip(hosts, b.ports, strict=False)), admin=admin, xds=xds,
                 workers=cfg.workers, pools=",".join(b.pools))
     await b.wait()
     await b.close()

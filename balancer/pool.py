@@ -241,13 +241,13 @@ class Pool:
 
     # ------------------------------------------------------------------ outcomes
 
-    def record(self, ep: Endpoint, outcome: Outcome, latency: float, code: str) -> None:
+    def record(self, ep: Endpoint, outcome: Outcome, latency: float, code: str, inflight: int = 0) -> None:
         """Account one finished attempt: counters, picker feedback, outlier detection."""
         self.stats.requests[(self.name, ep.address, code)] += 1
         ep.requests += 1
         if outcome is Outcome.FAILURE:
             ep.failures += 1
-        self.picker.on_done(ep, outcome, latency)
+        self.picker.on_done(ep, outcome, latency, inflight)
         if outcome is Outcome.SUCCESS:
             ep.rtt.observe(latency)
         overflow = self.outlier.ejections_overflow

@@ -29,19 +29,30 @@ SCRIPT = str(Path(__file__).resolve())
 
 
 def echo_server_cmd(port: int, delay_ms: float = 0.0, stall_ms: float = 0.0, stall_rate: float = 0.0,
-                    seed: int = 0) -> list[str]:
+                    seed: int = 0, cpu_ms: float = 0.0) -> list[str]:
     """Command line of the echo backend."""
     return [PY, SCRIPT, "serve", "--port", str(port), "--delay-ms", str(delay_ms),
-            "--stall-ms", str(stall_ms), "--stall-rate", str(stall_rate), "--seed", str(seed)]
+            "--stall-ms", str(stall_ms), "--stall-rate", str(stall_rate), "--seed", str(seed),
+            "--cpu-ms", str(cpu_ms)]
 
 
-async def serve(port: int, delay_ms: float, stall_ms: float, stall_rate: float, seed: int) -> None:
+def spin(ms: float) -> None:
+    """Burn ``ms`` of CPU on the event loop: requests queue behind each other, as on a CPU-bound server."""
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+async def serve(port: int, delay_ms: float, stall_ms: float, stall_rate: float, seed: int,
+                cpu_ms: float = 0.0) -> None:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     rng = random.Random(seed)
 
     async def pause() -> None:
+        if cpu_ms:
+            spin(cpu_ms)
         d = delay_ms
         if stall_rate and rng.random() < stall_rate:
             d += stall_ms
@@ -131,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--stall-ms", type=float, default=0.0, help="added to a share --stall-rate of responses")
     e.add_argument("--stall-rate", type=float, default=0.0, help="share of responses that stall")
     e.add_argument("--seed", type=int, default=0, help="RNG seed of the stalls")
+    e.add_argument("--cpu-ms", type=float, default=0.0,
+                   help="CPU time burnt per request on the event loop (latency then grows with requests in flight)")
     c = sub.add_parser("client", help="closed-loop unary load generator; prints JSON")
     c.add_argument("--port", type=int, required=True, help="target port on 127.0.0.1")
     c.add_argument("--method", default="/bench.Echo/Unary", help="fully qualified method")
@@ -146,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         pass
     if a.cmd == "serve":
-        asyncio.run(serve(a.port, a.delay_ms, a.stall_ms, a.stall_rate, a.seed))
+        asyncio.run(serve(a.port, a.delay_ms, a.stall_ms, a.stall_rate, a.seed, a.cpu_ms))
     else:
         res = asyncio.run(_closed_loop(a.port, a.method, bytes.fromhex(a.payload_hex), a.concurrency,
                                        a.requests, a.timeout))

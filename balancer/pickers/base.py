@@ -14,7 +14,8 @@ class Picker(Protocol):
     """Chooses one endpoint from an immutable snapshot and learns from outcomes.
 
     ``pick`` must not block; it raises :class:`NoEndpoint` on an empty snapshot.
-    ``on_done`` is called exactly once per picked attempt with its latency in seconds.
+    ``on_done`` is called exactly once per picked attempt with its latency in seconds and how many other
+    attempts were in flight to that endpoint when it was sent.
     ``exclude`` lets a retry or a hedge avoid endpoints already tried (ignored where nothing else is left).
     """
 
@@ -22,7 +23,7 @@ class Picker(Protocol):
 
     def pick(self, snapshot: Snapshot, exclude: Collection[Endpoint] = ()) -> Endpoint: ...
 
-    def on_done(self, endpoint: Endpoint, outcome: Outcome, latency: float) -> None: ...
+    def on_done(self, endpoint: Endpoint, outcome: Outcome, latency: float, inflight: int = 0) -> None: ...
 
 
 class BasePicker:
@@ -36,7 +37,7 @@ class BasePicker:
         self.clock = clock
         self.rng = rng if rng is not None else random.Random()
 
-    def on_done(self, endpoint: Endpoint, outcome: Outcome, latency: float) -> None:
+    def on_done(self, endpoint: Endpoint, outcome: Outcome, latency: float, inflight: int = 0) -> None:
         return None
 
     @staticmethod

@@ -55,7 +55,7 @@ class PeakEwma(BasePicker):
 
         return pick_two(self.candidates(snapshot, exclude), self.rng, cost)
 
-    def on_done(self, endpoint: Endpoint, outcome: Outcome, latency: float) -> None:
+    def on_done(self, endpoint: Endpoint, outcome: Outcome, latency: float, inflight: int = 0) -> None:
         if outcome is Outcome.FAILURE and latency < self.failure_penalty:
             latency = self.failure_penalty
         self.load_of(endpoint).observe(self.clock.now(), latency)

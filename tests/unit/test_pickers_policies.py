@@ -6,6 +6,7 @@ import heapq
 import itertools
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from modelyard.balancer.load import PeakEwma as PeakEwmaLoad
 from modelyard.balancer.pickers import (
     PICKERS,
     LeastConn,
+    LeastLatency,
     PeakEwma,
     RandomPicker,
     RoundRobin,
@@ -31,7 +33,7 @@ def eps(n: int) -> list[Endpoint]:
 
 
 def test_registry_names_every_policy() -> None:
-    assert set(PICKERS) == {"round_robin", "weighted_round_robin", "random", "least_conn", "peak_ewma"}
+    assert set(PICKERS) == {"round_robin", "weighted_round_robin", "random", "least_conn", "peak_ewma", "least_latency"}
 
 
 @pytest.mark.parametrize("name", sorted(PICKERS))
@@ -228,3 +230,67 @@ def test_weights_scale_p2c_costs() -> None:
 def test_unknown_picker_option_is_rejected() -> None:
     with pytest.raises(TypeError, match="no options"):
         RoundRobin(bogus=1)
+
+
+# ------------------------------------------------------------------ least_latency (latency measured against load)
+
+
+def feed(picker: Any, e: Endpoint, clock: FakeClock, latency_of: Any, inflights: range, rounds: int = 3) -> None:
+    """Answers from ``e`` at each in-flight count, ``latency_of(n)`` seconds each, 1 ms apart."""
+    for _ in range(rounds):
+        for n in inflights:
+            clock.advance(0.001)
+            picker.on_done(e, Outcome.SUCCESS, latency_of(n), n)
+
+
+def test_least_latency_learns_that_a_burst_does_not_slow_an_io_bound_endpoint() -> None:
+    clock = FakeClock()
+    fast, slow = eps(2)
+    picker = LeastLatency(clock=clock, rng=random.Random(5))
+    feed(picker, fast, clock, lambda n: 0.005, range(0, 20))   # 5 ms whatever the load (sleeping backend)
+    feed(picker, slow, clock, lambda n: 0.055, range(0, 3))
+    fast.outstanding = 16  # a synchronized burst
+    assert all(picker.pick(snap(fast, slow)) is fast for _ in range(50))
+    # Peak-EWMA charges the burst 17 x 5 ms = 85 ms and sends it to the slow one
+    pe = PeakEwma(clock=clock, rng=random.Random(5))
+    for e, lat in ((fast, 0.005), (slow, 0.055)):
+        for _ in range(30):
+            clock.advance(0.001)
+            pe.on_done(e, Outcome.SUCCESS, lat)
+    assert all(pe.pick(snap(fast, slow)) is slow for _ in range(50))
+
+
+def test_least_latency_charges_what_load_measurably_adds_on_a_cpu_bound_endpoint() -> None:
+    clock = FakeClock()
+    a, b = eps(2)
+    picker = LeastLatency(clock=clock, rng=random.Random(6))
+    feed(picker, a, clock, lambda n: 0.002 * (n + 1), range(0, 12))  # serial: each in flight adds 2 ms
+    feed(picker, b, clock, lambda n: 0.002 * (n + 1), range(0, 12))
+    model = picker.load_of(a)
+    assert model.slope == pytest.approx(0.002, rel=0.15) and model.estimate(clock.now()) == pytest.approx(0.002, abs=0.001)
+    a.outstanding, b.outstanding = 8, 2
+    assert all(picker.pick(snap(a, b)) is b for _ in range(50))
+
+
+def test_least_latency_steers_away_from_a_stall_and_probes_again_later() -> None:
+    clock = FakeClock()
+    a, b = eps(2)
+    picker = LeastLatency(clock=clock, rng=random.Random(7), tau=10.0)
+    feed(picker, a, clock, lambda n: 0.005, range(0, 4))
+    feed(picker, b, clock, lambda n: 0.005, range(0, 4))
+    picker.on_done(a, Outcome.SUCCESS, 2.0, 0)  # one request stalled 2 s
+    assert all(picker.pick(snap(a, b)) is b for _ in range(50))
+    for _ in range(60):  # a minute of b answering in 5 ms while a is left alone: a's stall is forgotten
+        clock.advance(1.0)
+        picker.on_done(b, Outcome.SUCCESS, 0.005, 0)
+    assert any(picker.pick(snap(a, b)) is a for _ in range(50))
+
+
+def test_least_latency_penalises_fast_failures() -> None:
+    clock = FakeClock()
+    a, b = eps(2)
+    picker = LeastLatency(clock=clock, rng=random.Random(8))
+    feed(picker, b, clock, lambda n: 0.010, range(0, 4))
+    for _ in range(5):
+        picker.on_done(a, Outcome.FAILURE, 0.0001, 0)
+    assert all(picker.pick(snap(a, b)) is b for _ in range(50))
