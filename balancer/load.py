@@ -61,32 +61,33 @@ class PeakEwma:
 
 
 class LatencyModel:
-    """Latency of one endpoint as a function of its requests in flight: ``L(n) = base + slope * n``.
+    """Latency of one endpoint as a function of its requests in flight: ``L(n) = base * (1 + r * n)``.
 
-    Why not Peak-EWMA's ``rtt * (n + 1)``: the measured rtt already contains whatever queueing the
-    endpoint does, and the ``(n + 1)`` multiplies it again. Against servers whose latency does not grow
-    with concurrency (I/O bound, or batching accelerators) a burst of ``n`` in flight then makes fast
-    endpoints look ``n`` times slower than they are, and picks drift to the slow one; against CPU-bound
-    servers, where it does grow, the multiplication is roughly right. This model *measures* how much
-    latency each request in flight adds, per endpoint, instead of assuming it:
+    Peak-EWMA assumes ``r = 1``: each request in flight adds one more service time, as on a server that
+    works on one request at a time. That is right for a CPU-bound server and wrong for one whose
+    latency does not grow with concurrency (I/O bound, or batching accelerators): there a burst of ``n``
+    in flight makes fast endpoints look ``n`` times slower than they are, and picks drift to a slow one.
+    This model starts from Peak-EWMA's assumption and *measures* ``r`` per endpoint:
 
-    - ``slope`` -- a weighted least-squares fit of latency on in-flight-at-send over recent samples
-      (exponentially forgotten over ``tau`` seconds, each sample at least ``min_weight`` of the fit),
-      never below ``floor`` x base (a tie-break towards fewer in flight) and never above ``2 x`` the
-      mean latency seen (a wild fit from few distinct ``n`` must not exile an endpoint);
-    - ``base`` -- the latency at no load: a :class:`PeakEwma` of each sample minus its load share
-      (``L - slope * n``), so a stall or a newly slow endpoint is seen at once and forgotten over ``tau``,
-      and an idle endpoint's estimate decays and it is probed again.
+    - ``r`` -- from a weighted least-squares fit of latency on in-flight-at-send over recent samples
+      (forgotten over ``tau`` seconds, each sample at least ``min_weight`` of the fit): slope over
+      intercept, clamped to ``[floor, 4]``. It moves only when the samples spread over enough different
+      ``n`` to tell load from noise; until then the prior (1) stands. ``floor`` keeps a tie-break
+      towards fewer requests in flight;
+    - ``base`` -- the latency with nothing else in flight: a :class:`PeakEwma` of each sample divided by
+      its load factor, so a stall or a newly slow endpoint is seen at once and forgotten over ``tau``, and
+      an idle endpoint's estimate decays until it is probed again.
     """
 
-    __slots__ = ("base", "floor", "min_weight", "slope", "stamp", "tau", "w", "wl", "wn", "wnl", "wnn")
+    __slots__ = ("base", "floor", "min_weight", "ratio", "stamp", "tau", "w", "wl", "wn", "wnl", "wnn")
 
-    def __init__(self, now: float, rtt_prior: float, tau: float, min_weight: float = 0.02, floor: float = 0.05) -> None:
+    def __init__(self, now: float, rtt_prior: float, tau: float, min_weight: float = 0.02, floor: float = 0.05,
+                 prior_ratio: float = 1.0) -> None:
         self.base = PeakEwma(now, rtt_prior, tau, min_weight=0.1)
         self.tau = tau
         self.min_weight = min_weight
         self.floor = floor
-        self.slope = floor * rtt_prior
+        self.ratio = prior_ratio
         self.stamp = now
         # weighted sums of the fit: weight, n, latency, n^2, n*latency
         self.w = self.wn = self.wl = self.wnn = self.wnl = 0.0
@@ -106,22 +107,21 @@ class LatencyModel:
         self.wnl = self.wnl * keep + n * latency
         if now > self.stamp:
             self.stamp = now
-        mean_n = self.wn / self.w
-        var_n = self.wnn / self.w - mean_n * mean_n
-        mean_l = self.wl / self.w
+        w = self.w
+        mean_n = self.wn / w
+        var_n = self.wnn / w - mean_n * mean_n
         if var_n > 0.25:  # enough spread in n to tell its effect from noise
-            slope = (self.wnl / self.w - mean_n * mean_l) / var_n
-            lo = self.floor * self.base.rtt
-            hi = 2.0 * mean_l
-            self.slope = lo if slope < lo else hi if slope > hi else slope
-        elif self.slope < self.floor * self.base.rtt:
-            self.slope = self.floor * self.base.rtt
-        self.base.observe(now, max(latency - self.slope * n, 0.0))
+            mean_l = self.wl / w
+            slope = (self.wnl / w - mean_n * mean_l) / var_n
+            intercept = mean_l - slope * mean_n
+            r = slope / intercept if intercept > 0.0 else 4.0
+            self.ratio = self.floor if r < self.floor else 4.0 if r > 4.0 else r
+        self.base.observe(now, latency / (1.0 + self.ratio * n))
 
     def estimate(self, now: float) -> float:
-        """Latency at no load as of ``now`` (decayed over idle time)."""
+        """Latency with nothing else in flight, as of ``now`` (decayed over idle time)."""
         return self.base.estimate(now)
 
     def cost(self, now: float, outstanding: int) -> float:
-        """Expected latency of one more request now: ``base + slope * outstanding``."""
-        return self.base.estimate(now) + self.slope * outstanding
+        """Expected latency of one more request now: ``base * (1 + r * outstanding)``."""
+        return self.base.estimate(now) * (1.0 + self.ratio * outstanding)

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from modelyard.clients.proxyless import ProxylessChannel, is_proxyless
 from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
@@ -52,6 +53,10 @@ class ChannelSettings:
             *self.options,
         ]
 
+    def _at(self, address: str) -> ChannelSettings:
+        """These settings for one replica's address (proxyless mode)."""
+        return ChannelSettings(address, self.credentials, self.token, self.headers, self.max_message_bytes, self.options)
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         pairs = [(k.lower(), v) for k, v in self.headers.items()]
         if self.token:
@@ -59,11 +64,15 @@ class ChannelSettings:
         return tuple(pairs)
 
     def open_sync(self) -> grpc.Channel:
+        if is_proxyless(self.url):  # xds://CONTROL_PLANE/POOL: balance here, straight to the replicas
+            return ProxylessChannel(self.url, lambda a: self._at(a).open_sync(), aio=False)  # type: ignore[return-value]
         if self.credentials is not None:
             return grpc.secure_channel(self.target, self.credentials, options=self.channel_options())
         return grpc.insecure_channel(self.target, options=self.channel_options())
 
     def open_aio(self) -> grpc.aio.Channel:
+        if is_proxyless(self.url):
+            return ProxylessChannel(self.url, lambda a: self._at(a).open_aio(), aio=True)  # type: ignore[return-value]
         if self.credentials is not None:
             return grpc.aio.secure_channel(self.target, self.credentials, options=self.channel_options())
         return grpc.aio.insecure_channel(self.target, options=self.channel_options())

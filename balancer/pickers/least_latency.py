@@ -11,18 +11,18 @@ from modelyard.balancer.pickers.p2c import pick_two
 
 
 class LeastLatency(BasePicker):
-    """P2C on the expected latency of one more request: ``(base + slope * outstanding) / weight``.
+    """P2C on the expected latency of one more request: ``base * (1 + r * outstanding) / weight``.
 
-    ``base`` and ``slope`` are learned per endpoint (see :class:`~modelyard.balancer.load.LatencyModel`):
-    an endpoint whose latency does not grow with its requests in flight keeps its own latency however
-    many are in flight (so bursts do not push picks to a slow endpoint, as Peak-EWMA's ``rtt * (n + 1)``
-    does), and one whose latency does grow is charged what it measurably grows by.
+    ``base`` and ``r`` are learned per endpoint (see :class:`~modelyard.balancer.load.LatencyModel`):
+    it starts as Peak-EWMA (``r = 1``); an endpoint whose latency measurably does not grow with its
+    requests in flight keeps its own latency however many are in flight (so bursts do not push picks
+    to a slow endpoint), and one whose latency does grow is charged what it grows by.
 
     Options (defaults): ``tau`` = 10.0 s, how fast the past is forgotten; ``rtt_prior`` = 0.005 s, a new
     endpoint's latency; ``failure_penalty`` = 0.5 s, the latency a failed attempt counts as (a fast
     failure must not attract traffic); ``min_weight`` = 0.02, the least share one sample has in the
-    slope fit (the fit spans at most ~50 samples); ``floor`` = 0.05, the least slope as a share of the
-    base latency (a tie-break towards fewer requests in flight).
+    slope fit (the fit spans at most ~50 samples); ``floor`` = 0.05, the least ``r`` (a tie-break
+    towards fewer requests in flight).
     """
 
     name = "least_latency"

@@ -267,7 +267,7 @@ def test_least_latency_charges_what_load_measurably_adds_on_a_cpu_bound_endpoint
     feed(picker, a, clock, lambda n: 0.002 * (n + 1), range(0, 12))  # serial: each in flight adds 2 ms
     feed(picker, b, clock, lambda n: 0.002 * (n + 1), range(0, 12))
     model = picker.load_of(a)
-    assert model.slope == pytest.approx(0.002, rel=0.15) and model.estimate(clock.now()) == pytest.approx(0.002, abs=0.001)
+    assert model.ratio == pytest.approx(1.0, rel=0.15) and model.estimate(clock.now()) == pytest.approx(0.002, abs=0.001)
     a.outstanding, b.outstanding = 8, 2
     assert all(picker.pick(snap(a, b)) is b for _ in range(50))
 
@@ -284,6 +284,15 @@ def test_least_latency_steers_away_from_a_stall_and_probes_again_later() -> None
         clock.advance(1.0)
         picker.on_done(b, Outcome.SUCCESS, 0.005, 0)
     assert any(picker.pick(snap(a, b)) is a for _ in range(50))
+
+
+def test_least_latency_assumes_peak_ewmas_model_until_load_is_measured() -> None:
+    clock = FakeClock()
+    (a,) = eps(1)
+    picker = LeastLatency(clock=clock)
+    feed(picker, a, clock, lambda n: 0.004, range(0, 1), rounds=20)  # only ever one at a time
+    assert picker.load_of(a).ratio == 1.0
+    assert picker.load_of(a).cost(clock.now(), 3) == pytest.approx(4 * picker.load_of(a).estimate(clock.now()))
 
 
 def test_least_latency_penalises_fast_failures() -> None:
