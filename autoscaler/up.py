@@ -130,7 +130,7 @@ def balancer_document(cfg: StackConfig) -> dict[str, Any]:
     pools = {}
     for name, p in cfg.pools.items():
         pools[name] = {
-            "picker": "peak_ewma",
+            "picker": "least_latency",
             "endpoints": {"static": []},
             "health_check": {"interval": 1.0, "timeout": 1.0},
             # a pool at zero (or still starting) holds requests instead of failing them

@@ -186,7 +186,7 @@ class ActivatorConfig:
 class PoolConfig:
     """A set of interchangeable upstream endpoints and how to balance over them."""
 
-    picker: str = "peak_ewma"
+    picker: str = "least_latency"
     picker_options: dict[str, Any] = field(default_factory=dict)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     #: HTTP/2 connections per endpoint

@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 #: latency histogram bucket upper bounds, seconds
 BUCKETS: tuple[float, ...] = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    # 0.03 and 0.075 are the SLO thresholds of deploy/prometheus (p50 < 30 ms, p95 < 75 ms, p99 < 100 ms)
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 
 

@@ -14,8 +14,8 @@
   it cannot (``ModelyardScaleFailed``).
 
 Configuration: in a Pod, the service account (``kubeconfig: ""``); elsewhere a kubeconfig file.
-The RBAC it needs is exactly: get/list/watch ``deployments``, get/patch ``deployments/scale``,
-create ``events`` (see ``deploy/k8s``).
+The RBAC it needs is exactly: list/watch ``deployments`` (it reads one by name with a field selector),
+get/patch ``deployments/scale``, create ``events`` (see ``deploy/k8s``, where the Role also names the Deployments).
 """
 
 from __future__ import annotations
