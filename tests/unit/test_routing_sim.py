@@ -26,6 +26,6 @@ def test_peak_ewma_is_pushed_to_the_slow_endpoint_by_bursts_on_cpu_bound_servers
     """The failure mode least_latency fixes (kept as a regression anchor for the comparison)."""
     from routing_sim import simulate
 
-    healthy = simulate("peak_ewma", "cpu", "burst", False, 8000)
-    slow = simulate("peak_ewma", "cpu", "burst", True, 8000)
+    healthy = simulate("peak_ewma", "cpu", "burst", False, 20000)
+    slow = simulate("peak_ewma", "cpu", "burst", True, 20000)
     assert slow["p99"] > 2 * healthy["p99"]
