@@ -62,7 +62,7 @@ class Balancer:
         self.proxy = Proxy(self.router, self.pools, default_unary_methods() | set(cfg.unary_methods),
                            idempotent_methods=default_idempotent_methods() | set(cfg.idempotent_methods),
                            clock=clock, rng=random.Random(self.rng.random()), flusher=self.flusher,
-                           max_message_bytes=cfg.max_message_bytes)
+                           max_message_bytes=cfg.max_message_bytes, limits=cfg.limits)
         self.registry = make_registry(BalancerCollector(self._stats_dump, self.endpoint_rows))
         self.serving = False
         self.ports: list[int] = []

@@ -103,7 +103,7 @@ class Call:
     """One proxied call: the handler of the client's stream."""
 
     __slots__ = ("attempts", "buffered", "buffered_bytes", "deadline", "down", "head", "pool", "proxy", "req_done",
-                 "resolve", "retryable", "start", "state", "timer", "tried", "tries", "winner")
+                 "resolve", "retry_held", "retryable", "start", "state", "timer", "tried", "tries", "winner")
 
     def __init__(self, proxy: Proxy, down: Stream, head: RequestHead, req_done: bool) -> None:
         self.proxy = proxy
@@ -119,6 +119,9 @@ class Call:
         #: request bytes not yet sent upstream, or kept for another attempt
         self.buffered: list[bytes] | None = []
         self.buffered_bytes = 0
+        #: bytes credited to the client as they were kept for a retry, counted in its connection's budget
+        #: (limits.connection_buffer_bytes) until the call ends: they may still wait for the upstream's window
+        self.retry_held = 0
         self.req_done = req_done
         #: a unary method: its request bytes are kept until a response starts, so it can be sent again
         self.retryable = head.unary
@@ -162,8 +165,11 @@ class Call:
         self.buffered_bytes += len(data)
         if self.retryable:
             down = self.down
-            down.conn.consumed(down, len(data))
-            if self.buffered_bytes > RETRY_BUFFER_BYTES:  # too big to keep: sent once, credited on send
+            n = len(data)
+            down.conn.consumed(down, n)
+            if self.buffered_bytes <= RETRY_BUFFER_BYTES and down.conn.hold_retry(n):
+                self.retry_held += n
+            else:  # too big to keep (for the call, or its connection's budget): sent once, credited on send
                 self.retryable = False
                 if self.attempts:
                     self.buffered = None
@@ -172,6 +178,12 @@ class Call:
                             a.stream.source = down
         if self.resolve is not None:
             self.proxy.try_route(self)
+
+    def release_retry(self) -> None:
+        """The call is over: give back what it counted in its connection's retry budget."""
+        if self.retry_held:
+            self.down.conn.release_retry(self.retry_held)
+            self.retry_held = 0
 
     def on_failed(self, reason: str) -> None:
         """The client went away or reset its stream: cancel every attempt."""
@@ -298,6 +310,7 @@ class Call:
             return
         self.state = State.DONE
         self.buffered = None
+        self.release_retry()
         self.resolve = None
         if self.timer is not None:
             self.timer.cancel()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelyard.balancer.limits import LimitsConfig
 from modelyard.balancer.outlier import OutlierConfig
 from modelyard.balancer.pickers import PICKERS
 from modelyard.balancer.retry import HedgeConfig, RetryConfig
@@ -284,6 +285,8 @@ class BalancerConfig:
     idempotent_methods: list[str] = field(default_factory=list)
     max_message_bytes: int = 256 * 1024 * 1024
     drain: DrainConfig = field(default_factory=DrainConfig)
+    #: limits of the client-facing HTTP/2 server against hostile clients (docs/balancer.md)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     #: the xDS control plane for Envoy and proxyless gRPC clients (off unless ``xds.address`` is set)
     xds: XdsConfig = field(default_factory=XdsConfig)
 

@@ -1,11 +1,19 @@
-"""The server side of the proxy: one HTTP/2 connection from a client, its streams handed to the proxy as calls."""
+"""The server side of the proxy: one HTTP/2 connection from a client, its streams handed to the proxy as calls.
+
+A client connection is ``guarded`` (see :mod:`modelyard.balancer.h2.connection`) and held to the
+proxy's :class:`~modelyard.balancer.limits.LimitsConfig`: connections, concurrent streams, early
+resets (rapid reset, CVE-2023-44487), the preface and idle timeouts.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from modelyard.balancer.h2.connection import (
+    CLOSE_GRACE,
+    ENHANCE_YOUR_CALM,
     NO_ERROR,
     PREFACE,
     PROTOCOL_ERROR,
@@ -20,8 +28,10 @@ from modelyard.balancer.h2.hpack import Headers, encode
 if TYPE_CHECKING:
     from modelyard.balancer.proxy import Proxy
 
-#: most downstream streams one connection may have open (advertised in SETTINGS)
-MAX_CONCURRENT_STREAMS = 4096
+log = logging.getLogger("modelyard.balancer.h2")
+
+#: advertised before the limits are known (the class attribute); each connection advertises its limit
+MAX_CONCURRENT_STREAMS = 256
 
 
 class DownstreamConnection(H2Connection):
@@ -31,46 +41,128 @@ class DownstreamConnection(H2Connection):
     last_peer_stream: int
 
     local_settings = {**H2Connection.local_settings, S_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
+    credit_on_receipt = False
+    guarded = True
 
     def __init__(self, proxy: Proxy) -> None:
-        super().__init__(proxy.flusher)
+        lim = proxy.limits
+        super().__init__(proxy.flusher, lim)
+        self.local_settings[S_MAX_CONCURRENT_STREAMS] = lim.max_concurrent_streams
+        self.max_streams = lim.max_concurrent_streams
         self.proxy = proxy
         self._preface = b""
         self._preface_done = False
+        #: streams the client opened, and those it reset early or that were refused or reset for its errors
+        self.streams_opened = 0
+        self.early_resets = 0
+        #: the preface timer until the client's SETTINGS arrive, then the idle check
+        self._timer: asyncio.TimerHandle | None = None
+        self._settled = False
+        self._idle_mark = -1
+        self._idle_was_empty = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._start_transport(transport)
-        self.proxy.connections.add(self)
+        proxy = self.proxy
+        lim = self.limits
         self.write(self._open_frames())
-        if self.proxy.draining_connections:
+        if len(proxy.connections) >= lim.max_connections:
+            log.debug("refusing a client connection: %d open (limits.max_connections)", len(proxy.connections))
+            self._fail_connection(ENHANCE_YOUR_CALM, f"over {lim.max_connections} connections")
+            return
+        proxy.connections.add(self)
+        self._timer = asyncio.get_running_loop().call_later(lim.preface_timeout, self._no_preface)
+        if proxy.draining_connections:
             self.send_goaway()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.proxy.connections.discard(self)
+        self._drop_streams("the client connection closed")
+
+    def on_connection_failed(self, reason: str) -> None:
+        self._drop_streams(f"the client connection failed: {reason}")
+
+    def _drop_streams(self, reason: str) -> None:
         streams = list(self.streams.values())
         self.streams.clear()
         for st in streams:
             if st.handler is not None:
-                st.handler.on_failed("the client connection closed")
+                st.handler.on_failed(reason)
+
+    # ------------------------------------------------------------------ timers
+
+    def _no_preface(self) -> None:
+        self._timer = None
+        if not self.closed:
+            t = self.limits.preface_timeout
+            log.debug("client sent no HTTP/2 preface and SETTINGS within %g s", t)
+            self._fail_connection(PROTOCOL_ERROR, f"no HTTP/2 preface and SETTINGS within {t:g} s")
+
+    def on_settings(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if self._timer is not None:
+            self._timer.cancel()
+        t = self.limits.idle_timeout
+        self._timer = asyncio.get_running_loop().call_later(t, self._idle_check) if t else None
+
+    def _idle_check(self) -> None:
+        """Every ``idle_timeout``: GOAWAY once no stream was open since the previous check."""
+        self._timer = None
+        if self.closed:
+            return
+        mark = self.last_peer_stream
+        empty = not self.streams
+        if empty and self._idle_was_empty and mark == self._idle_mark and not self.goaway_sent:
+            log.debug("closing a client connection idle for over %g s", self.limits.idle_timeout)
+            self.send_goaway(NO_ERROR, "idle")
+            # streams the client sent before it read the GOAWAY are refused (it retries them elsewhere)
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self._close_if_idle)
+            return
+        self._idle_mark = mark
+        self._idle_was_empty = empty
+        self._timer = asyncio.get_running_loop().call_later(self.limits.idle_timeout, self._idle_check)
+
+    def _close_if_idle(self) -> None:
+        if not self.closed and not self.streams:
+            self.close()
+
+    # ------------------------------------------------------------------ frames
 
     def _receive(self, data: bytes) -> None:
-        if not self._preface_done:
-            have = self._preface + data
-            if len(have) < len(PREFACE):
-                if not PREFACE.startswith(have):
-                    self._refuse_non_h2(have)
-                self._preface = have
-                return
-            if not have.startswith(PREFACE):
+        if self._preface_done:
+            super()._receive(data)
+            return
+        have = self._preface + data
+        if len(have) < len(PREFACE):
+            if not PREFACE.startswith(have):
                 self._refuse_non_h2(have)
-                return
-            self._preface_done = True
-            self._preface = b""
-            data = have[len(PREFACE):]
-            if not data:
-                return
-        super()._receive(data)
+            self._preface = have
+            return
+        if not have.startswith(PREFACE):
+            self._refuse_non_h2(have)
+            return
+        self._preface_done = True
+        self._preface = b""
+        data = have[len(PREFACE):]
+        if data:
+            super()._receive(data)
+
+    def _idle(self, sid: int) -> bool:
+        return not sid & 1 or sid > self.last_peer_stream
+
+    def _bad_stream(self) -> None:
+        """A stream reset early, refused or reset for the client's error: a rapid-reset flood ends here."""
+        self.early_resets = n = self.early_resets + 1
+        lim = self.limits
+        if n >= lim.reset_limit and n >= lim.reset_ratio * self.streams_opened:
+            raise H2ProtocolError(ENHANCE_YOUR_CALM, f"{n} of {self.streams_opened} streams reset early "
+                                                     f"(limits.reset_limit, reset_ratio)")
 
     def _refuse_non_h2(self, data: bytes) -> None:
         self.closed = True
@@ -96,12 +188,17 @@ class DownstreamConnection(H2Connection):
         if sid <= self.last_peer_stream:
             return  # trailers or a late frame on a stream we already ended (RFC 7540 5.1): ignore
         self.last_peer_stream = sid
+        self.streams_opened += 1
         st = Stream(sid, self)
         self.streams[sid] = st
         if end_stream:
             st.remote_closed = True
-        if self.goaway_sent or len(self.streams) > MAX_CONCURRENT_STREAMS:
+        if self.goaway_sent:
             self.reset(st, REFUSED_STREAM)
+            return
+        if len(self.streams) > self.max_streams:  # over what we advertised
+            self.reset(st, REFUSED_STREAM)
+            self._bad_stream()
             return
         self.proxy.new_call(st, headers, end_stream)
 
@@ -109,10 +206,24 @@ class DownstreamConnection(H2Connection):
         handler = st.handler
         if handler is not None:
             handler.on_data(data, end_stream)
+        else:  # the call is over: its bytes go nowhere, and hold no connection window
+            self._release(st)
 
     def on_reset(self, st: Stream, code: int) -> None:
-        if st.handler is not None:
-            st.handler.on_failed(f"the client reset the stream (HTTP/2 error {code})")
+        handler = st.handler
+        if handler is not None:
+            start: float | None = getattr(handler, "start", None)
+            handler.on_failed(f"the client reset the stream (HTTP/2 error {code})")
+            if start is not None and self.proxy.clock.now() - start < self.limits.reset_min_age:
+                self._bad_stream()
+
+    def on_stream_error(self, st: Stream) -> None:
+        self._bad_stream()
+
+    def _local_close(self, st: Stream) -> None:
+        super()._local_close(st)
+        if not st.remote_closed and st.handler is None and st.id in self.streams:
+            self.reset(st, NO_ERROR)  # answered, and the call is over: the client may stop sending (RFC 9113 8.1)
 
     def stream_closed(self, st: Stream) -> None:
         st.handler = None
@@ -125,3 +236,4 @@ class DownstreamConnection(H2Connection):
         self.send_data(st, message.encode() + b"\n", True)
         if not st.remote_closed:
             self.reset(st, NO_ERROR)
+        self._bad_stream()  # not a gRPC request: counted like an early reset

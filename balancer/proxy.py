@@ -45,10 +45,12 @@ from modelyard.balancer.grpcwire import (
     status_block,
     timeout_field,
 )
+from modelyard.balancer.h2 import hpack
 from modelyard.balancer.h2.connection import Flusher, Stream
 from modelyard.balancer.h2.hpack import Headers, encode, encode_field
+from modelyard.balancer.limits import DEFAULT_LIMITS, LimitsConfig
 from modelyard.balancer.pool import Pool
-from modelyard.balancer.request_head import RequestHead
+from modelyard.balancer.request_head import HeadCache, RequestHead
 from modelyard.balancer.retry import backoff, decide_retry
 from modelyard.balancer.routing import Router
 from modelyard.clock import MONOTONIC, Clock
@@ -70,6 +72,7 @@ class Proxy:
         rng: random.Random | None = None,
         flusher: Flusher | None = None,
         max_message_bytes: int = 64 << 20,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self.router = router
         self.pools = pools
@@ -85,7 +88,10 @@ class Proxy:
         self.in_flight = 0
         self.connections: set[DownstreamConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
-        self._heads: dict[Headers, RequestHead] = {}
+        #: limits of the client-facing HTTP/2 server (hostile clients)
+        self.limits = limits if limits is not None else DEFAULT_LIMITS
+        self._heads = HeadCache(self.limits.header_cache_bytes)
+        hpack.set_cache_budget(self.limits.header_cache_bytes)
         #: set when in_flight drops to 0 during shutdown
         self.idle: asyncio.Event | None = None
         for pool in pools.values():
@@ -128,8 +134,8 @@ class Proxy:
         head = self._heads.get(headers)
         if head is None:
             head = RequestHead(headers, self.unary_methods, self.idempotent_methods)
-            if head.timeout is None and len(self._heads) < 1024:
-                self._heads[headers] = head
+            if head.timeout is None:
+                self._heads.put(headers, head)
         conn: DownstreamConnection = st.conn  # type: ignore[assignment]
         if head.error is not None:
             conn.respond_http(st, *head.error)

@@ -57,3 +57,30 @@ class RequestHead:
             fields.append((b":authority", authority))
         fields.append((b"te", b"trailers"))
         self.block = b"".join([encode_field(h) for h in (*fields, *rest)])
+
+
+class HeadCache(dict[Headers, RequestHead]):
+    """Parsed request heads by header list (without a timeout), bounded in bytes, not entries.
+
+    Header values are the client's choice: the cache is cleared when it reaches ``budget`` bytes
+    (headers, the encoded block and ~100 bytes of Python objects per field), and a head over 1/16
+    of the budget is never cached. Lookups are plain ``dict.get``.
+    """
+
+    __slots__ = ("budget", "nbytes")
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget = budget
+        self.nbytes = 0
+
+    def put(self, headers: Headers, head: RequestHead) -> None:
+        cost = 300 + len(head.block) + sum(len(k) + len(v) + 100 for k, v in headers)
+        if cost * 16 > self.budget:
+            return
+        total = self.nbytes + cost
+        if total > self.budget:
+            self.clear()
+            total = cost
+        self.nbytes = total
+        self[headers] = head

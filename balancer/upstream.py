@@ -16,10 +16,12 @@ from modelyard.balancer.h2.connection import (
     MAX_STREAM_ID,
     NO_ERROR,
     PREFACE,
+    PROTOCOL_ERROR,
     S_ENABLE_PUSH,
     SETTINGS_TIMEOUT,
     Flusher,
     H2Connection,
+    H2ProtocolError,
     Stream,
     StreamHandler,
 )
@@ -92,6 +94,9 @@ class UpstreamConnection(H2Connection):
         self._lost_reason = reason
         self._fail_connection(SETTINGS_TIMEOUT, "settings timeout")
 
+    def on_connection_failed(self, reason: str) -> None:
+        self._fail_all(self._lost_reason or f"upstream {self.upstream.address} broke HTTP/2: {reason}")
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._settings_timer is not None:
             self._settings_timer.cancel()
@@ -127,10 +132,15 @@ class UpstreamConnection(H2Connection):
         self.streams[sid] = st
         return st
 
+    def _idle(self, sid: int) -> bool:
+        return not sid & 1 or sid >= self.next_sid  # the server opens no streams (push is disabled)
+
     def on_headers(self, sid: int, headers: Headers, end_stream: bool) -> None:
         st = self.streams.get(sid)
         if st is None:
-            return
+            if self._idle(sid):
+                raise H2ProtocolError(PROTOCOL_ERROR, f"HEADERS on idle stream {sid}")
+            return  # a stream we already reset
         if end_stream:
             st.remote_closed = True
         if st.handler is not None:

@@ -4,7 +4,8 @@ gRPC clients send nearly the same header block on every call of a connection, so
 the decoder caches whole decoded blocks, keyed by the block bytes and valid while
 the dynamic table has not changed since (a block that inserts into the table is
 never cached). Huffman-coded strings are cached by their coded bytes, so a fresh
-``grpc-timeout`` costs one dictionary lookup, not a Huffman walk.
+``grpc-timeout`` costs one dictionary lookup, not a Huffman walk. Every cache is
+bounded in bytes, not entries: header values are the client's choice.
 
 The encoder never inserts into the peer's dynamic table: every field is either a
 static-table index or a literal "without indexing". It is therefore stateless and
@@ -14,6 +15,7 @@ shared by every connection; encoded fields and whole blocks are cached.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
@@ -26,12 +28,16 @@ _N_STATIC = len(STATIC)
 _STATIC_FULL = {h: i + 1 for i, h in reversed(list(enumerate(STATIC)))}
 _STATIC_NAME = {h[0]: i + 1 for i, h in reversed(list(enumerate(STATIC)))}
 
-#: largest decoded header list (RFC 7541 size: name + value + 32 per field) we accept
+#: largest decoded header list (RFC 7541 size: name + value + 32 per field) we accept by default
 MAX_HEADER_LIST = 65536
-#: caches are cleared when they reach these sizes (client-chosen values must not grow memory)
-_MAX_BLOCKS = 512
-_MAX_STRINGS = 4096
-_MAX_ENCODED = 4096
+#: default byte budgets of a decoder's caches and of the process-wide encoder caches; a cache is
+#: cleared when it reaches its budget, and an entry over 1/16 of it is never cached, so values a
+#: client chooses cannot grow memory (sizes count the bytes plus ~100 bytes of Python objects)
+DECODER_CACHE_BYTES = 64 * 1024
+ENCODER_CACHE_BYTES = 4 << 20
+_ENTRY = 100
+#: dynamic table size updates allowed at the start of one block (RFC 7541 4.2: a decrease, then the size)
+_MAX_SIZE_UPDATES = 2
 
 
 class HpackError(Exception):
@@ -60,18 +66,25 @@ def _int(buf: bytes, i: int, prefix_bits: int) -> tuple[int, int]:
 class Decoder:
     """One per connection direction (the peer's encoder state)."""
 
-    __slots__ = ("_blocks", "_strings", "dynamic", "generation", "max_allowed", "max_size", "size")
+    __slots__ = ("_blocks", "_cache_bytes", "_cache_max", "_strings", "dynamic", "generation", "max_allowed",
+                 "max_list", "max_size", "size")
 
-    def __init__(self, max_table_size: int = 4096) -> None:
+    def __init__(self, max_table_size: int = 4096, max_list: int = MAX_HEADER_LIST,
+                 cache_bytes: int = DECODER_CACHE_BYTES) -> None:
         self.dynamic: deque[Header] = deque()
         self.size = 0
         self.max_size = max_table_size
         #: what we advertised in SETTINGS_HEADER_TABLE_SIZE
         self.max_allowed = max_table_size
+        #: largest decoded header list accepted (what we advertised in SETTINGS_MAX_HEADER_LIST_SIZE)
+        self.max_list = max_list
         #: bumped on every change of the dynamic table
         self.generation = 0
         self._blocks: dict[bytes, tuple[int, Headers]] = {}
         self._strings: dict[bytes, bytes] = {}
+        #: bytes held by both caches, and their budget
+        self._cache_bytes = 0
+        self._cache_max = cache_bytes
 
     def decode(self, block: bytes) -> Headers:
         """The header list of one complete block (HEADERS + CONTINUATION payloads joined)."""
@@ -84,10 +97,23 @@ class Decoder:
         except IndexError as exc:
             raise HpackError("truncated header block") from exc
         if self.generation == gen and len(block) <= 2048:
-            if len(self._blocks) >= _MAX_BLOCKS:
-                self._blocks.clear()
-            self._blocks[block] = (gen, headers)
+            cost = 2 * len(block) + _ENTRY + sum(len(k) + len(v) + _ENTRY for k, v in headers)
+            if self._cache(cost):
+                self._blocks[block] = (gen, headers)
         return headers
+
+    def _cache(self, cost: int) -> bool:
+        """Room for an entry of ``cost`` bytes (clearing both caches when full); False: do not cache it."""
+        budget = self._cache_max
+        if cost * 16 > budget:
+            return False
+        total = self._cache_bytes + cost
+        if total > budget:
+            self._blocks.clear()
+            self._strings.clear()
+            total = cost
+        self._cache_bytes = total
+        return True
 
     def _get(self, index: int) -> Header:
         if 0 < index <= _N_STATIC:
@@ -112,9 +138,8 @@ class Decoder:
                 s = decode_huffman(raw)
             except Exception as exc:  # hpack raises its own HPACKDecodingError
                 raise HpackError(f"bad Huffman string: {exc}") from exc
-            if len(self._strings) >= _MAX_STRINGS:
-                self._strings.clear()
-            self._strings[raw] = s
+            if self._cache(len(raw) + len(s) + _ENTRY):
+                self._strings[raw] = s
         return s, end
 
     def _insert(self, h: Header) -> None:
@@ -142,7 +167,8 @@ class Decoder:
     def _decode(self, buf: bytes) -> Headers:
         out: list[Header] = []
         i, n = 0, len(buf)
-        budget = MAX_HEADER_LIST
+        budget = self.max_list
+        updates = 0
         while i < n:
             b = buf[i]
             if b & 0x80:  # indexed field
@@ -151,10 +177,16 @@ class Decoder:
             elif b & 0x40:  # literal with incremental indexing
                 h, i = self._literal(buf, i, 6)
                 self._insert(h)
-            elif b & 0x20:  # dynamic table size update
+            elif b & 0x20:  # dynamic table size update: only at the start of a block, at most two
+                if out or updates >= _MAX_SIZE_UPDATES:
+                    raise HpackError("dynamic table size update after a header field" if out else
+                                     f"more than {_MAX_SIZE_UPDATES} dynamic table size updates in one block")
+                updates += 1
+                start = i
                 size, i = _int(buf, i, 5)
                 if size > self.max_allowed:
                     raise HpackError(f"table size update {size} over the advertised {self.max_allowed}")
+                budget -= i - start  # counted against the header list like any other byte
                 self.generation += 1
                 self.max_size = size
                 self._evict()
@@ -164,7 +196,7 @@ class Decoder:
             out.append(h)
             budget -= len(h[0]) + len(h[1]) + 32
             if budget < 0:
-                raise HpackError(f"header list over {MAX_HEADER_LIST} bytes")
+                raise HpackError(f"header list over {self.max_list} bytes")
         return tuple(out)
 
 
@@ -187,6 +219,29 @@ def _enc_str(s: bytes) -> bytes:
 
 _fields: dict[Header, bytes] = {}
 _blocks: dict[Headers, bytes] = {}
+#: bytes held by each encoder cache, and the budget of each (see :func:`set_cache_budget`)
+_bytes = {"fields": 0, "blocks": 0}
+_budget = ENCODER_CACHE_BYTES
+
+
+def set_cache_budget(nbytes: int) -> None:
+    """The byte budget of each process-wide encoder cache (``limits.header_cache_bytes``); clears them."""
+    global _budget
+    _budget = nbytes
+    _fields.clear()
+    _blocks.clear()
+    _bytes.update(fields=0, blocks=0)
+
+
+def _room(name: str, cache: dict[Any, bytes], cost: int) -> bool:
+    if cost * 16 > _budget:
+        return False
+    total = _bytes[name] + cost
+    if total > _budget:
+        cache.clear()
+        total = cost
+    _bytes[name] = total
+    return True
 
 
 def encode_field(h: Header) -> bytes:
@@ -200,9 +255,8 @@ def encode_field(h: Header) -> bytes:
     else:
         nidx = _STATIC_NAME.get(h[0])
         e = (_enc_int(nidx, 4, 0) if nidx is not None else b"\x00" + _enc_str(h[0])) + _enc_str(h[1])
-    if len(_fields) >= _MAX_ENCODED:
-        _fields.clear()
-    _fields[h] = e
+    if _room("fields", _fields, len(h[0]) + len(h[1]) + len(e) + _ENTRY):
+        _fields[h] = e
     return e
 
 
@@ -212,7 +266,6 @@ def encode(headers: Headers) -> bytes:
     if e is not None:
         return e
     e = b"".join([encode_field(h) for h in headers])
-    if len(_blocks) >= _MAX_ENCODED:
-        _blocks.clear()
-    _blocks[headers] = e
+    if _room("blocks", _blocks, len(e) + _ENTRY + sum(len(k) + len(v) + _ENTRY for k, v in headers)):
+        _blocks[headers] = e
     return e
