@@ -79,6 +79,8 @@ class StackConfig:
 
     #: the balancer's gRPC address (what clients use)
     listen: str = "127.0.0.1:9001"
+    #: the balancer's REST (HTTP/1.1) address: KServe v2 REST and the OpenAI-style paths (null: none)
+    rest_listen: str | None = "127.0.0.1:9000"
     #: the balancer's admin API
     balancer_admin: str = "127.0.0.1:9901"
     #: the autoscaler's /metrics and /status (null: none)
@@ -101,6 +103,7 @@ class StackConfig:
 #: the built-in stack: the demo models in two pools; text_embed_demo simulates an accelerator (see its config)
 DEFAULT_STACK = """
 listen: 127.0.0.1:9001
+rest_listen: 127.0.0.1:9000
 balancer_admin: 127.0.0.1:9901
 autoscaler_admin: 127.0.0.1:9902
 tick: 1.0
@@ -137,8 +140,11 @@ def balancer_document(cfg: StackConfig) -> dict[str, Any]:
             "activator": {"enabled": True, "timeout": max(30.0, p.start_timeout)},
             **p.balancer,
         }
-    return {"listeners": [{"address": cfg.listen}], "admin": {"address": cfg.balancer_admin},
-            "drain": {"grace": 10}, "routes": routes, "pools": pools}
+    doc: dict[str, Any] = {"listeners": [{"address": cfg.listen}], "admin": {"address": cfg.balancer_admin},
+                           "drain": {"grace": 10}, "routes": routes, "pools": pools}
+    if cfg.rest_listen:
+        doc["rest"] = {"listeners": [{"address": cfg.rest_listen}]}
+    return doc
 
 
 def autoscale_document(cfg: StackConfig, balancer_admin: str, admin: str | None) -> dict[str, Any]:
@@ -209,6 +215,12 @@ class Stack:
         assert self.balancer is not None and self.balancer.endpoints is not None
         return self.balancer.endpoints.admin
 
+    @property
+    def http(self) -> str | None:
+        """The balancer's REST address (None without one)."""
+        assert self.balancer is not None and self.balancer.endpoints is not None
+        return self.balancer.endpoints.http or None
+
     def start_traffic(self, traffic: list[Traffic], workdir: Path) -> None:
         for i, t in enumerate(traffic):
             out = workdir / f"traffic-{i}-{t.model}.json"
@@ -253,7 +265,7 @@ async def run(cfg: StackConfig, *, traffic: list[Traffic], view: bool, exit_afte
         except (RuntimeError, ConfigError) as exc:
             print(f"modelyard up: {exc}", file=sys.stderr)
             return 1, stack, timeline
-        print_ready(grpc=stack.grpc, admin=stack.admin,
+        print_ready(grpc=stack.grpc, http=stack.http, admin=stack.admin,
                     autoscaler=f"{cfg.autoscaler_admin.rpartition(':')[0]}:{stack.daemon.admin_port}"
                     if cfg.autoscaler_admin and stack.daemon.admin_port else None, pools=",".join(cfg.pools))
         if tour:
@@ -289,7 +301,8 @@ async def run(cfg: StackConfig, *, traffic: list[Traffic], view: bool, exit_afte
                 print(f"[{now:5.0f}s] {plain(status)}", file=sys.stderr, flush=True)
                 last_line = now
             if live is not None:
-                header = (f"modelyard up -- clients: {stack.grpc}   balancer admin: http://{stack.admin}   "
+                rest = f" (REST http://{stack.http})" if stack.http else ""
+                header = (f"modelyard up -- clients: {stack.grpc}{rest}   balancer admin: http://{stack.admin}   "
                           f"Ctrl-C stops everything")
                 footer = f"traffic {now:.0f}/{total:.0f}s" if traffic else ""
                 live.update(render(status, header, footer))
@@ -399,6 +412,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--timeline", metavar="JSON", help="with traffic: write the per-second timeline and reports here")
     p.add_argument("--no-view", action="store_true", help="no live terminal view (plain status lines on stderr)")
     p.add_argument("--listen", metavar="HOST:PORT", help="the balancer's gRPC address (overrides the config; :0 = any free port)")
+    p.add_argument("--rest-listen", metavar="HOST:PORT",
+                   help="the balancer's REST (HTTP/1.1) address (overrides the config; :0 = any free port)")
     p.add_argument("--balancer-admin", metavar="HOST:PORT", help="the balancer's admin address (overrides the config)")
     p.add_argument("--autoscaler-admin", metavar="HOST:PORT", help="the autoscaler's /metrics address (overrides the config)")
     p.add_argument("--print-config", action="store_true", help="print the effective stack config as YAML and exit")
@@ -413,7 +428,8 @@ def main(args: argparse.Namespace) -> int:
         data = read_yaml(args.config, SOURCE) if args.config else yaml.safe_load(DEFAULT_STACK)
         if not isinstance(data, dict):
             raise ConfigError(["<root>: expected a mapping"], SOURCE)
-        data = override(data, {"listen": args.listen, "balancer_admin": args.balancer_admin,
+        data = override(data, {"listen": args.listen, "rest_listen": args.rest_listen,
+                               "balancer_admin": args.balancer_admin,
                                "autoscaler_admin": args.autoscaler_admin})
         cfg = load(StackConfig, data, source=SOURCE)
     except ConfigError as exc:

@@ -5,7 +5,8 @@ GET  /endpoints          JSON rows: state, EWMA, outstanding, ejections per endp
 GET  /healthz            200 "ok" while serving, 503 "draining" after drain started
 GET  /config             the effective config as JSON
 POST /drain              start draining the whole balancer (it exits when done)
-POST /endpoints          {"pool", "address", "weight"?}: add an endpoint (source "admin")
+POST /endpoints          {"pool", "address", "weight"?, "http"?}: add an endpoint (source "admin"); ``http`` is
+                         the replica's HTTP (REST) address, for the REST listener
 DELETE /endpoints        {"pool", "address"} (or query string): remove it
 POST /endpoints/drain    {"pool", "address"}: stop new picks, let in-flight finish
 POST /endpoints/undrain  {"pool", "address"}: undo a drain
@@ -80,7 +81,10 @@ def build_admin_app(b: Balancer) -> web.Application:
             return _bad("weight must be a number")
         if weight <= 0:
             return _bad("weight must be > 0")
-        pool.add(data["address"], weight, source="admin")
+        http = data.get("http")
+        if http is not None and (not isinstance(http, str) or not host_port_ok(http)):
+            return _bad("http must be host:port (the replica's HTTP address)")
+        pool.add(data["address"], weight, source="admin", http=http)
         return web.json_response({"added": data["address"], "pool": pool.name})
 
     async def remove(request: web.Request) -> web.Response:
@@ -152,8 +156,11 @@ class AdminClient:
                 raise RuntimeError(f"{method} {path}: HTTP {r.status}: {data.get('error') if isinstance(data, dict) else data}")
             return data
 
-    async def add(self, pool: str, address: str, weight: float = 1.0) -> None:
-        await self._call("POST", "/endpoints", {"pool": pool, "address": address, "weight": weight})
+    async def add(self, pool: str, address: str, weight: float = 1.0, http: str | None = None) -> None:
+        body: dict[str, Any] = {"pool": pool, "address": address, "weight": weight}
+        if http:
+            body["http"] = http
+        await self._call("POST", "/endpoints", body)
 
     async def drain(self, pool: str, address: str) -> None:
         await self._call("POST", "/endpoints/drain", {"pool": pool, "address": address})

@@ -30,6 +30,7 @@ from modelyard.balancer.health import GrpcHealthProbe, HealthChecker
 from modelyard.balancer.metrics import BalancerCollector, Stats, make_registry, merge_dumps
 from modelyard.balancer.pool import Pool
 from modelyard.balancer.proxy import Proxy
+from modelyard.balancer.rest.proxy import RestProxy, http_upstream_factory
 from modelyard.balancer.routing import Router
 from modelyard.balancer.upstream import Upstream
 from modelyard.clock import MONOTONIC, Clock
@@ -57,15 +58,23 @@ class Balancer:
         for name, pcfg in cfg.pools.items():
             factory = (lambda a, p=pcfg: Upstream(a, p.channels_per_endpoint, self.flusher, p.connect_timeout)) \
                 if serves else None
+            # the REST listener's connections to each endpoint's ``http`` address (when there is a listener)
+            http_factory = http_upstream_factory(cfg.rest, pcfg.connect_timeout) \
+                if serves and cfg.rest.listeners else None
             self.pools[name] = Pool(name, pcfg, clock=clock, rng=random.Random(self.rng.random()), stats=self.stats,
-                                    upstream_factory=factory, on_change=self._on_pool_change)
+                                    upstream_factory=factory, on_change=self._on_pool_change,
+                                    http_upstream_factory=http_factory)
         self.proxy = Proxy(self.router, self.pools, default_unary_methods() | set(cfg.unary_methods),
                            idempotent_methods=default_idempotent_methods() | set(cfg.idempotent_methods),
                            clock=clock, rng=random.Random(self.rng.random()), flusher=self.flusher,
                            max_message_bytes=cfg.max_message_bytes, limits=cfg.limits)
+        #: the REST (HTTP/1.1) data plane over the same pools, when ``rest.listeners`` are configured
+        self.rest = RestProxy(self.router, self.pools, cfg.rest, clock=clock, rng=random.Random(self.rng.random())) \
+            if serves and cfg.rest.listeners else None
         self.registry = make_registry(BalancerCollector(self._stats_dump, self.endpoint_rows))
         self.serving = False
         self.ports: list[int] = []
+        self.rest_ports: list[int] = []
         self.admin_port: int | None = None
         self.draining = False
         self._drained = asyncio.Event()
@@ -87,7 +96,7 @@ class Balancer:
         if self.role != "worker":
             for name, pool in self.pools.items():
                 ep = pool.config.endpoints
-                pool.set_source("static", [(s.address, s.weight) for s in ep.static])
+                pool.set_source("static", [(s.address, s.weight, s.http) for s in ep.static])
                 if ep.file:
                     src = FileSource(pool, ep.file, ep.file_poll_interval, self.stats)
                     src.refresh()
@@ -130,6 +139,12 @@ class Balancer:
                 self.ports.append(await self.proxy.listen(lst.address, reuse_port=reuseport))
             except OSError as exc:
                 raise OSError(f"cannot listen on {lst.address}: {exc.strerror or exc}") from exc
+        if self.rest is not None:
+            for rl in self.cfg.rest.listeners:
+                try:
+                    self.rest_ports.append(await self.rest.listen(rl.address, reuse_port=reuseport))
+                except OSError as exc:
+                    raise OSError(f"cannot listen on {rl.address}: {exc.strerror or exc}") from exc
 
     async def _start_admin(self) -> None:
         from aiohttp import web
@@ -145,7 +160,7 @@ class Balancer:
     # ------------------------------------------------------------------ workers (control side)
 
     async def _start_workers(self) -> None:
-        for lst in self.cfg.listeners:
+        for lst in [*self.cfg.listeners, *self.cfg.rest.listeners]:
             if lst.address.endswith(":0"):
                 raise ValueError("workers > 1 needs fixed listen ports (SO_REUSEPORT), not :0")
         ctx = multiprocessing.get_context("spawn")
@@ -159,6 +174,7 @@ class Balancer:
             self._workers.append((proc, parent))
             threading.Thread(target=self._read_worker, args=(loop, i, parent), daemon=True).start()
         self.ports = [int(lst.address.rpartition(":")[2]) for lst in self.cfg.listeners]
+        self.rest_ports = [int(rl.address.rpartition(":")[2]) for rl in self.cfg.rest.listeners]
         # wait until every worker listens
         ready = [asyncio.get_running_loop().create_future() for _ in self._workers]
         self._ready_futs = ready
@@ -255,7 +271,8 @@ class Balancer:
                 conn.send(("drain",))
         await asyncio.sleep(self.cfg.drain.delay)
         if self.serving:
-            await self.proxy.shutdown(self.cfg.drain.grace)
+            grace = self.cfg.drain.grace
+            await asyncio.gather(self.proxy.shutdown(grace), *([self.rest.shutdown(grace)] if self.rest else []))
         for proc, _ in self._workers:
             await asyncio.get_running_loop().run_in_executor(None, proc.join, self.cfg.drain.grace + 5)
         self._drained.set()
@@ -272,6 +289,8 @@ class Balancer:
             await checker.close()
         if self.serving:
             await self.proxy.shutdown(0)
+            if self.rest is not None:
+                await self.rest.shutdown(0)
         for proc, conn in self._workers:
             with contextlib.suppress(OSError):
                 conn.close()

@@ -15,9 +15,11 @@ from typing import Any
 from modelyard.balancer.limits import LimitsConfig
 from modelyard.balancer.outlier import OutlierConfig
 from modelyard.balancer.pickers import PICKERS
+from modelyard.balancer.rest.config import RestConfig
 from modelyard.balancer.retry import HedgeConfig, RetryConfig
 from modelyard.balancer.xds import XdsConfig
 from modelyard.config import Check, ConfigError, load, read_yaml, to_dict
+from modelyard.tracing import TracingConfig
 
 __all__ = ["BalancerConfig", "ConfigError", "PoolConfig", "config_from_dict", "config_to_dict", "host_port_ok",
            "load_config"]
@@ -112,6 +114,8 @@ class StaticEndpoint:
 
     address: str = ""
     weight: float = 1.0
+    #: the same replica's HTTP (REST) address, for the REST listener
+    http: str | None = None
 
     @classmethod
     def normalize(cls, raw: Any) -> Any:
@@ -120,6 +124,8 @@ class StaticEndpoint:
     def validate(self, check: Check) -> None:
         check(host_port_ok(self.address), "address", f"expected host:port, got {self.address!r}")
         check(self.weight > 0, "weight", "must be > 0")
+        if self.http is not None:
+            check(host_port_ok(self.http), "http", f"expected host:port, got {self.http!r}")
 
 
 @dataclass
@@ -128,11 +134,14 @@ class DnsConfig:
 
     name: str = ""
     port: int = 8001
+    #: the replicas' HTTP (REST) port, for the REST listener (null: none)
+    http_port: int | None = None
     interval: float = 5.0
 
     def validate(self, check: Check) -> None:
         check(bool(self.name), "name", "is required")
         check(0 < self.port < 65536, "port", "must be a port number")
+        check(self.http_port is None or 0 < self.http_port < 65536, "http_port", "must be a port number")
         check(self.interval > 0, "interval", "must be > 0")
 
 
@@ -144,6 +153,8 @@ class KubernetesConfig:
     namespace: str = "default"
     #: port name in the slice; empty = the first port
     port_name: str = ""
+    #: the slice's port of the replicas' HTTP (REST) address, for the REST listener (empty: none)
+    http_port_name: str = "http"
     #: API server URL (no auth); empty = the in-cluster service-account config
     api_server: str = ""
 
@@ -156,7 +167,7 @@ class EndpointsConfig:
     """Where a pool's endpoints come from; several sources may be combined."""
 
     static: list[StaticEndpoint] = field(default_factory=list)
-    #: JSON or YAML file with a list of addresses or {address, weight}; reloaded on change
+    #: JSON or YAML file with a list of addresses or {address, weight, http}; reloaded on change
     file: str | None = None
     file_poll_interval: float = 1.0
     dns: DnsConfig | None = None
@@ -289,6 +300,10 @@ class BalancerConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     #: the xDS control plane for Envoy and proxyless gRPC clients (off unless ``xds.address`` is set)
     xds: XdsConfig = field(default_factory=XdsConfig)
+    #: the REST (HTTP/1.1) listener, routed by model to the endpoints' ``http`` addresses (off without listeners)
+    rest: RestConfig = field(default_factory=RestConfig)
+    #: OpenTelemetry spans (pick) and traceparent propagation with the balancer's span as parent (off by default)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def validate(self, check: Check) -> None:
         check(bool(self.listeners), "listeners", "at least one listener is required")

@@ -1,6 +1,6 @@
 """Endpoint sources: static list, watched file, DNS re-resolution (Kubernetes: ``k8s.py``).
 
-Every source ends in ``pool.set_source(name, [(address, weight), ...])``; the pool
+Every source ends in ``pool.set_source(name, [(address, weight[, http]), ...])``; the pool
 merges sources and rebuilds its immutable snapshot. Sources that fail to refresh
 keep the last good list (and count the failure) rather than emptying the pool.
 """
@@ -17,31 +17,36 @@ from typing import Any
 
 import yaml
 
-from modelyard.balancer.config import DnsConfig
+from modelyard.balancer.config import DnsConfig, host_port_ok
+from modelyard.balancer.endpoint import Member
 from modelyard.balancer.metrics import Stats
 from modelyard.balancer.pool import Pool
 
 log = logging.getLogger("modelyard.balancer.discovery")
 
 
-def parse_endpoint_list(data: Any) -> list[tuple[str, float]]:
-    """``["h:p", {"address": "h:p", "weight": 2}]`` or ``{"endpoints": [...]}`` -> [(address, weight)]."""
+def parse_endpoint_list(data: Any) -> list[Member]:
+    """``["h:p", {"address": "h:p", "weight": 2, "http": "h:p2"}]`` or ``{"endpoints": [...]}`` ->
+    [(address, weight)], with the HTTP address as a third item where an entry gives one."""
     if isinstance(data, dict):
         data = data.get("endpoints", [])
     if not isinstance(data, list):
         raise ValueError("expected a list of endpoints")
-    out = []
+    out: list[Member] = []
     for i, item in enumerate(data):
+        http = None
         if isinstance(item, str):
             addr, w = item, 1.0
         elif isinstance(item, dict) and isinstance(item.get("address"), str):
-            addr, w = item["address"], float(item.get("weight", 1.0))
+            addr, w, http = item["address"], float(item.get("weight", 1.0)), item.get("http")
         else:
-            raise ValueError(f"endpoint [{i}]: expected 'host:port' or {{address, weight}}")
+            raise ValueError(f"endpoint [{i}]: expected 'host:port' or {{address, weight, http}}")
         host, sep, port = addr.rpartition(":")
         if not (sep and host and port.isdigit()):
             raise ValueError(f"endpoint [{i}]: expected host:port, got {addr!r}")
-        out.append((addr, w))
+        if http is not None and (not isinstance(http, str) or not host_port_ok(http)):
+            raise ValueError(f"endpoint [{i}]: http: expected host:port, got {http!r}")
+        out.append((addr, w) if http is None else (addr, w, http))
     return out
 
 
@@ -101,7 +106,12 @@ class DnsSource:
             self.stats.count(self.pool.name, "discovery_dns_errors")
             log.warning("resolving %s: %s (keeping the previous list)", self.cfg.name, exc)
             return False
-        eps = [(f"[{ip}]:{self.cfg.port}" if ":" in ip else f"{ip}:{self.cfg.port}", 1.0) for ip in ips]
+        hp = self.cfg.http_port
+
+        def at(ip: str, port: int) -> str:
+            return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+        eps: list[Member] = [(at(ip, self.cfg.port), 1.0, at(ip, hp) if hp else None) for ip in ips]
         self.pool.set_source("dns", eps)
         return True
 

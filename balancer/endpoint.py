@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from modelyard.balancer.retry import RttEstimator
 
 if TYPE_CHECKING:
+    from modelyard.balancer.rest.upstream import HttpUpstream
     from modelyard.balancer.upstream import Upstream
+
+#: what a discovery source says of one endpoint: (gRPC address, weight) or (gRPC address, weight, HTTP address)
+Member = tuple[str, float] | tuple[str, float, str | None]
 
 
 class Outcome(enum.Enum):
@@ -56,12 +60,16 @@ class Endpoint:
     address: str
     #: configured weight (from its discovery source)
     weight: float = 1.0
+    #: the same replica's HTTP (REST) address, when its source gave one: the REST listener routes there
+    http: str | None = None
     source: str = "static"
     added_at: float = 0.0
     health: Health = Health.UNKNOWN
     draining: bool = False
     #: the data plane's connections to it (None in a control process, or once closed)
     upstream: Upstream | None = None
+    #: the REST relay's keep-alive HTTP/1.1 connections to ``http`` (None without a REST listener or address)
+    http_upstream: HttpUpstream | None = None
     #: attempts in flight (the data plane)
     outstanding: int = 0
     #: finished attempts and failed ones (the pool's accounting, for /endpoints)

@@ -23,6 +23,7 @@ from modelyard.balancer.config import (
 from modelyard.balancer.pickers import PICKERS
 from modelyard.config import default, override, read_yaml
 from modelyard.launcher import print_ready
+from modelyard.tracing import configure_logging
 
 
 def register(subparsers: Any) -> None:
@@ -36,6 +37,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", help="YAML config file (listeners, routes, pools); flags below override it")
     p.add_argument("--listen", help=f"gRPC listen address host:port (default {default(ListenerConfig, 'address')})")
     p.add_argument("--endpoints", help="comma-separated upstream host:port list for a single pool 'default'")
+    p.add_argument("--rest-listen", metavar="HOST:PORT",
+                   help="also serve REST (HTTP/1.1) on this address, routed by model to the endpoints' HTTP ports")
+    p.add_argument("--http-endpoints", metavar="LIST",
+                   help="comma-separated HTTP (REST) host:port of the --endpoints, in the same order")
     p.add_argument("--endpoints-file", help="JSON/YAML file of upstream endpoints, watched for changes")
     p.add_argument("--picker", choices=sorted(PICKERS), help=f"load-balancing policy (default {default(PoolConfig, 'picker')})")
     p.add_argument("--admin-port", type=int, help="admin HTTP port on 127.0.0.1 (0 = any free port)")
@@ -64,10 +69,19 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
         "workers": args.workers,
         "drain.grace": args.drain_grace,
     })
+    if args.rest_listen:
+        data = override(data, {"rest.listeners": [{"address": args.rest_listen}]})
     pools = data.setdefault("pools", {})
     if args.endpoints or args.endpoints_file or not pools:
+        static: list[Any] | None = [e.strip() for e in args.endpoints.split(",") if e.strip()] \
+            if args.endpoints else None
+        if static is not None and args.http_endpoints:
+            https = [e.strip() for e in args.http_endpoints.split(",") if e.strip()]
+            if len(https) != len(static):
+                raise ConfigError([f"--http-endpoints: {len(https)} addresses for {len(static)} --endpoints"], SOURCE)
+            static = [{"address": a, "http": h} for a, h in zip(static, https, strict=True)]
         pools["default"] = override(pools.get("default"), {
-            "endpoints.static": [e.strip() for e in args.endpoints.split(",") if e.strip()] if args.endpoints else None,
+            "endpoints.static": static,
             "endpoints.file": args.endpoints_file,
         })
     for name, pool in pools.items():
@@ -97,8 +111,10 @@ async def serve(cfg: BalancerConfig) -> int:
     admin = f"{cfg.admin.address.rpartition(':')[0]}:{b.admin_port}" if b.admin_port and cfg.admin.address else None
     # the one structured line every long-running modelyard command prints (modelyard.launcher reads it)
     xds = f"{cfg.xds.address.rpartition(':')[0]}:{b.xds_port}" if b.xds_port and cfg.xds.address else None
-    print_ready(grpc=",".join(f"{h}:{p}" for h, p in zip(hosts, b.ports, strict=False)), admin=admin, xds=xds,
-                workers=cfg.workers, pools=",".join(b.pools))
+    rest_hosts = [rl.address.rpartition(":")[0] for rl in cfg.rest.listeners]
+    http = ",".join(f"{h}:{p}" for h, p in zip(rest_hosts, b.rest_ports, strict=False)) or None
+    print_ready(grpc=",".join(f"{h}:{p}" for h, p in zip(hosts, b.ports, strict=False)), http=http, admin=admin,
+                xds=xds, workers=cfg.workers, pools=",".join(b.pools))
     await b.wait()
     await b.close()
     return 0
@@ -106,8 +122,7 @@ async def serve(cfg: BalancerConfig) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """``modelyard balance`` entry point; returns the exit code."""
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(logging, str(args.log_level).upper(), logging.INFO))
     try:
         cfg = build_config(args)
     except ConfigError as exc:

@@ -15,16 +15,19 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from modelyard.balancer.config import PoolConfig
-from modelyard.balancer.endpoint import Endpoint, Entry, Health, Outcome, Snapshot
+from modelyard.balancer.endpoint import Endpoint, Entry, Health, Member, Outcome, Snapshot
 from modelyard.balancer.metrics import Stats
 from modelyard.balancer.outlier import OutlierDetector
 from modelyard.balancer.pickers import PICKERS
+from modelyard.balancer.rest.upstream import HttpUpstream
 from modelyard.balancer.retry import RetryBudget
 from modelyard.balancer.upstream import Upstream
 from modelyard.clock import MONOTONIC, Clock
 
 #: makes the per-endpoint connection object; None = no data-plane connections (control process)
 UpstreamFactory = Callable[[str], Upstream]
+#: makes an endpoint's HTTP/1.1 connections from its ``http`` address; None = no REST data plane
+HttpUpstreamFactory = Callable[[str], HttpUpstream]
 
 
 class Pool:
@@ -40,6 +43,7 @@ class Pool:
         stats: Stats | None = None,
         upstream_factory: UpstreamFactory | None = None,
         on_change: Callable[[Pool], None] | None = None,
+        http_upstream_factory: HttpUpstreamFactory | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -50,13 +54,17 @@ class Pool:
         self.outlier = OutlierDetector(config.outlier_detection)
         self.budget = RetryBudget(config.retry, clock)
         self.upstream_factory = upstream_factory
+        self.http_upstream_factory = http_upstream_factory
         self.on_change = on_change
         #: address -> endpoint
         self.endpoints: dict[str, Endpoint] = {}
-        #: source -> {address: weight}; an endpoint exists while any source lists it
-        self._sources: dict[str, dict[str, float]] = {}
+        #: source -> {address: (weight, http address)}; an endpoint exists while any source lists it
+        self._sources: dict[str, dict[str, tuple[float, str | None]]] = {}
         self._retired: list[Endpoint] = []
         self.snapshot = Snapshot(name, ())
+        #: the snapshot's endpoints that have an HTTP address (the REST relay picks from it); the very
+        #: same object as ``snapshot`` when all of them do, so pickers see one snapshot
+        self.http_snapshot = self.snapshot
         self._version = 0
         self._timer: asyncio.TimerHandle | None = None
         self._started = False
@@ -70,18 +78,21 @@ class Pool:
         self.held: dict[Any, asyncio.TimerHandle] = {}
         #: called (soon) when endpoints appear while calls are held: the proxy sends them
         self.on_ready: Callable[[], None] | None = None
+        #: more such callbacks (the REST relay's)
+        self.ready_listeners: list[Callable[[], None]] = []
         #: futures of admin requests waiting for demand (held calls)
         self._demand_waiters: list[asyncio.Future[None]] = []
 
     # ------------------------------------------------------------------ membership
 
-    def set_source(self, source: str, endpoints: Iterable[tuple[str, float]]) -> None:
-        """Replace everything ``source`` says about this pool (static, file, dns, kubernetes, admin)."""
-        self._sources[source] = dict(endpoints)
+    def set_source(self, source: str, endpoints: Iterable[Member]) -> None:
+        """Replace everything ``source`` says about this pool (static, file, dns, kubernetes, admin):
+        ``(address, weight)`` or ``(address, weight, http_address)`` entries."""
+        self._sources[source] = {m[0]: (m[1], m[2] if len(m) > 2 else None) for m in endpoints}  # type: ignore[misc]
         self._reconcile()
 
-    def add(self, address: str, weight: float = 1.0, source: str = "admin") -> None:
-        self._sources.setdefault(source, {})[address] = weight
+    def add(self, address: str, weight: float = 1.0, source: str = "admin", http: str | None = None) -> None:
+        self._sources.setdefault(source, {})[address] = (weight, http)
         self._reconcile()
 
     def remove(self, address: str) -> bool:
@@ -93,15 +104,17 @@ class Pool:
         return found
 
     def _reconcile(self) -> None:
-        wanted: dict[str, tuple[float, str]] = {}
+        wanted: dict[str, tuple[float, str, str | None]] = {}
         for source, eps in self._sources.items():
-            for addr, w in eps.items():
-                wanted.setdefault(addr, (w, source))
+            for addr, (w, http) in eps.items():
+                have = wanted.setdefault(addr, (w, source, http))
+                if have[2] is None and http is not None:  # any source may know the HTTP address
+                    wanted[addr] = (have[0], have[1], http)
         now = self.clock.now()
         for addr in list(self.endpoints):
             if addr not in wanted:
                 self._retire(self.endpoints.pop(addr))
-        for addr, (w, source) in wanted.items():
+        for addr, (w, source, http) in wanted.items():
             ep = self.endpoints.get(addr)
             if ep is None:
                 # endpoints known at start are not slow-started; later ones are
@@ -111,6 +124,11 @@ class Pool:
                 self.endpoints[addr] = ep
             else:
                 ep.weight = w
+            if ep.http != http:
+                self._close_http(ep)
+                ep.http = http
+                if http is not None and self.http_upstream_factory is not None:
+                    ep.http_upstream = self.http_upstream_factory(http)
         self.rebuild()
 
     def _retire(self, ep: Endpoint) -> None:
@@ -122,14 +140,24 @@ class Pool:
 
     def _close(self, ep: Endpoint) -> None:
         up, ep.upstream = ep.upstream, None
+        self._close_http(ep)
         if up is not None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return
-            task = loop.create_task(up.close(1.0))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._spawn_close(up.close(1.0))
+
+    def _close_http(self, ep: Endpoint) -> None:
+        hup, ep.http_upstream = ep.http_upstream, None
+        if hup is not None:
+            self._spawn_close(hup.close(1.0))
+
+    def _spawn_close(self, closing: Any) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            closing.close()  # no loop (tests): the coroutine never runs
+            return
+        task = loop.create_task(closing)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def start(self) -> None:
         """Mark initial membership done: endpoints added from now on are slow-started."""
@@ -176,9 +204,15 @@ class Pool:
             entries.append(Entry(e, weight))
         self._version += 1
         self.snapshot = Snapshot(self.name, tuple(entries), panic=panic, version=self._version)
-        if self.held and entries and self.on_ready is not None:
+        with_http = [x for x in entries if x.endpoint.http is not None]
+        self.http_snapshot = self.snapshot if len(with_http) == len(entries) else \
+            Snapshot(self.name, tuple(with_http), panic=panic, version=-self._version)
+        if self.held and entries:
             with contextlib.suppress(RuntimeError):  # no loop: nothing can be held either
-                asyncio.get_running_loop().call_soon(self.on_ready)
+                loop = asyncio.get_running_loop()
+                for listener in (self.on_ready, *self.ready_listeners):
+                    if listener is not None:
+                        loop.call_soon(listener)
         if panic:
             self.stats.count(self.name, "panic_snapshots")
         uneject = self.outlier.next_unejection(self.endpoints.values(), now)
@@ -217,8 +251,9 @@ class Pool:
         self.stats.held[self.name] = len(self.held)
         return True
 
-    def take_held(self) -> list[Any]:
-        calls = list(self.held)
+    def take_held(self, kind: type | None = None) -> list[Any]:
+        """The held calls (of ``kind`` only, when given: each data plane takes its own), forgotten."""
+        calls = [c for c in self.held if kind is None or isinstance(c, kind)]
         for call in calls:
             self.unhold(call)
         return calls
@@ -273,6 +308,7 @@ class Pool:
             rows.append({
                 "pool": self.name,
                 "address": e.address,
+                "http": e.http,
                 "source": e.source,
                 "weight": e.weight,
                 "effective_weight": round(weights.get(id(e), e.weight), 4),
@@ -293,12 +329,12 @@ class Pool:
 
     def control_state(self) -> list[dict[str, Any]]:
         """Membership + health + drain, shipped from the control process to workers."""
-        return [{"address": e.address, "weight": e.weight, "source": e.source,
+        return [{"address": e.address, "weight": e.weight, "source": e.source, "http": e.http,
                  "health": e.health.value, "draining": e.draining} for e in self.endpoints.values()]
 
     def apply_control_state(self, rows: list[dict[str, Any]]) -> None:
         """Worker side of :meth:`control_state`: adopt membership, health and drain."""
-        self._sources = {"control": {r["address"]: r["weight"] for r in rows}}
+        self._sources = {"control": {r["address"]: (r["weight"], r.get("http")) for r in rows}}
         self._reconcile()
         changed = False
         for r in rows:
@@ -318,3 +354,6 @@ class Pool:
             up, e.upstream = e.upstream, None
             if up is not None:
                 await up.close(None)
+            hup, e.http_upstream = e.http_upstream, None
+            if hup is not None:
+                await hup.close(None)

@@ -314,7 +314,7 @@ class Proxy:
 
     def release_held(self, pool: Pool) -> None:
         """An endpoint appeared: send every held call (in arrival order)."""
-        for call in pool.take_held():
+        for call in pool.take_held(Call):
             self.attempt(call)
 
     def retry(self, call: Call, kind: str) -> bool:

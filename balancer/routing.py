@@ -115,6 +115,9 @@ class Router:
         self.routes = [_Route(r) for r in routes]
         self.rng = rng if rng is not None else random.Random()
         self._cache: dict[str, tuple[bool, Resolver]] = {}
+        #: REST: the routes that match on models only (a gRPC service or method means nothing to REST)
+        self._rest_routes = [r for r in self.routes if not r.cfg.match.service and not r.cfg.match.method]
+        self._rest_cache: dict[str | None, _Route | None] = {}
 
     def _choose(self, route: _Route) -> str:
         if len(route.pools) == 1:
@@ -149,6 +152,18 @@ class Router:
         if len(self._cache) < MAX_CACHED_METHODS:  # client-chosen method names must not grow memory forever
             self._cache[method] = (needs_model, resolve)
         return needs_model, resolve
+
+    def rest_pool(self, model: str | None) -> str | None:
+        """The pool of a REST request for ``model`` (None: the request names no model): the first route
+        without a service or method pattern whose model glob matches; None when none does."""
+        cache = self._rest_cache
+        if model in cache:
+            route = cache[model]
+        else:
+            route = next((r for r in self._rest_routes if r.matches("", "", model)), None)
+            if len(cache) < MAX_CACHED_METHODS:  # model names come from clients
+                cache[model] = route
+        return None if route is None else self._choose(route)
 
     def models_for_pool(self, pool: str) -> list[str]:
         """Exact model names routed to ``pool`` (for per-model health checks); globs are skipped."""

@@ -1,7 +1,8 @@
 """The ``local`` actuator (the embedded default): replicas are ``modelyard serve`` processes on this host.
 
 Scale up: start ``modelyard serve`` on free loopback ports (:mod:`modelyard.launcher`), wait for its
-ready line and for grpc.health.v1 SERVING, then add it to the balancer's pool (admin API) -- a
+ready line and for grpc.health.v1 SERVING, then add it to the balancer's pool (admin API, with its HTTP
+address for the balancer's REST listener) -- a
 replica takes traffic only once it can answer. Scale down: drain it in the balancer (no new picks),
 wait until the balancer has no request in flight to it, remove it, then SIGTERM it (the server
 finishes anything it still holds). No request fails because of a scale step.
@@ -214,7 +215,7 @@ class LocalActuator:
             r.timings["ready_line_s"] = time.monotonic() - r.started_at
             await wait_serving(r.grpc, r.started_at + cfg.start_timeout)
             r.timings["serving_s"] = time.monotonic() - r.started_at
-            await self.admin.add(self.balancer_pool, r.grpc)
+            await self.admin.add(self.balancer_pool, r.grpc, http=r.http or None)
             r.timings["added_s"] = time.monotonic() - r.started_at
         except asyncio.CancelledError:
             if r.grpc:  # it may have been added just now

@@ -18,6 +18,7 @@ from modelyard.launcher import Process, modelyard_argv
 
 STACK = {
     "listen": "127.0.0.1:0",
+    "rest_listen": "127.0.0.1:0",
     "balancer_admin": "127.0.0.1:0",
     "autoscaler_admin": "127.0.0.1:0",
     "tick": 0.5,
@@ -184,7 +185,7 @@ def test_scale_from_zero_holds_the_first_request_until_a_replica_is_ready_then_r
 
     from modelyard.protos import grpc_service_pb2 as pb
 
-    doc = {"listen": "127.0.0.1:0", "balancer_admin": "127.0.0.1:0", "autoscaler_admin": "127.0.0.1:0", "tick": 0.5,
+    doc = {"listen": "127.0.0.1:0", "rest_listen": "127.0.0.1:0", "balancer_admin": "127.0.0.1:0", "autoscaler_admin": "127.0.0.1:0", "tick": 0.5,
            "pools": {"tools": {"models": ["identity"], "policy": {
                "min_replicas": 0, "scale_to_zero": True, "scale_to_zero_grace": 3, "max_replicas": 2,
                "stable_window": 4, "panic_window": 2}}}}
@@ -210,6 +211,12 @@ def test_scale_from_zero_holds_the_first_request_until_a_replica_is_ready_then_r
         assert resp.raw_output_contents[0] == (7).to_bytes(4, "little")
         assert first < 10, f"first request took {first:.2f}s"
         assert status()["ready"] == 1
+        # the stack's REST listener reaches the same replica (the actuator gave the balancer its HTTP port)
+        body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1], "datatype": "INT32", "data": [7]}]}).encode()
+        rest = urllib.request.Request(f"http://{up.endpoints.http}/v2/models/identity/infer", data=body,
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(rest, timeout=20) as r:
+            assert json.loads(r.read())["outputs"][0]["data"] == [7]
         deadline = time.monotonic() + 40
         while status()["replicas"] != 0:
             assert time.monotonic() < deadline, "the idle pool did not return to zero"

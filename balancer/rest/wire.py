@@ -1,0 +1,106 @@
+"""HTTP/1.1 pieces of the REST relay: the model a request names, status lines, hop-by-hop headers, errors.
+
+Pure functions and tables; the relay itself is :mod:`modelyard.balancer.rest.proxy`.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+from urllib.parse import unquote
+
+from modelyard.balancer.endpoint import Outcome
+
+#: RFC 9110 7.6.1: connection-specific fields, never forwarded (plus those named in Connection);
+#: content-length and transfer-encoding are rewritten by the relay, expect is answered by it
+HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+                         b"upgrade", b"content-length", b"expect"})
+
+#: ``b"HTTP/1.1 200 OK\r\n"`` for every status code
+STATUS_LINES: dict[int, bytes] = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
+
+#: gRPC code names for HTTP statuses, as the server maps them (modelyard.server.errors), so that the
+#: balancer's ``requests_total{code}`` means the same for REST and gRPC
+_CODE_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+               408: "DEADLINE_EXCEEDED", 409: "ALREADY_EXISTS", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT",
+               429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
+               502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+#: statuses that say the endpoint (not the request) is bad: outlier detection, the EWMA penalty
+#: (INTERNAL and UNAVAILABLE on gRPC)
+FAILURE_STATUSES = frozenset({500, 502, 503})
+
+#: methods idempotent by definition (RFC 9110 9.2.2)
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+def code_name(status: int) -> str:
+    """The gRPC code name an HTTP status stands for (as the server maps errors)."""
+    if status < 400:
+        return "OK"
+    return _CODE_NAMES.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")
+
+
+def outcome_of(status: int) -> Outcome:
+    if status < 400:
+        return Outcome.SUCCESS
+    return Outcome.FAILURE if status in FAILURE_STATUSES else Outcome.APP_ERROR
+
+
+def model_from_path(path: bytes) -> str | None:
+    """The model a KServe v2 path names: ``/v2/models/{model}[/versions/{v}]/...`` and
+    ``/v2/repository/models/{model}/load|unload``; None for the others (``/v2/models/stats`` included)."""
+    if path.startswith(b"/v2/models/"):
+        rest = path[11:]
+        if rest == b"stats":
+            return None
+    elif path.startswith(b"/v2/repository/models/"):
+        rest = path[22:]
+    else:
+        return None
+    name = rest.split(b"/", 1)[0]
+    if not name:
+        return None
+    text = name.decode("utf-8", "replace")
+    return unquote(text) if "%" in text else text
+
+
+class BadBody(ValueError):
+    """The JSON body that should name the model does not (400)."""
+
+
+def model_from_body(body: bytes) -> str:
+    """The ``model`` field of an OpenAI-style JSON body; :class:`BadBody` saying what is wrong."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadBody(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadBody("request body must be a JSON object")
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadBody("'model' is required and must be a non-empty string")
+    return model
+
+
+def error_body(status: int, message: str, openai: bool) -> bytes:
+    """KServe's ``{"error": "..."}``; on the OpenAI-style paths OpenAI's ``{"error": {"message", ...}}``
+    (what the server answers on the same paths)."""
+    if openai:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        doc: object = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    else:
+        doc = {"error": message}
+    return json.dumps(doc).encode()
+
+
+def error_response(status: int, message: str, *, openai: bool = False, close: bool = False) -> bytes:
+    """A whole HTTP/1.1 error response with a JSON body."""
+    body = error_body(status, message, openai)
+    return b"".join((status_line(status), b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+                     b"connection: close\r\n" if close else b"", b"\r\n", body))
