@@ -37,6 +37,7 @@ from modelyard.balancer.grpcwire import (
 from modelyard.balancer.h2.connection import CANCEL, NO_ERROR, Stream
 from modelyard.balancer.h2.hpack import Headers, encode
 from modelyard.balancer.request_head import RequestHead
+from modelyard.balancer.tracing import CallTrace
 
 if TYPE_CHECKING:
     from modelyard.balancer.pool import Pool
@@ -103,7 +104,7 @@ class Call:
     """One proxied call: the handler of the client's stream."""
 
     __slots__ = ("attempts", "buffered", "buffered_bytes", "deadline", "down", "head", "pool", "proxy", "req_done",
-                 "resolve", "retry_held", "retryable", "start", "state", "timer", "tried", "tries", "winner")
+                 "resolve", "retry_held", "retryable", "start", "state", "timer", "trace", "tried", "tries", "winner")
 
     def __init__(self, proxy: Proxy, down: Stream, head: RequestHead, req_done: bool) -> None:
         self.proxy = proxy
@@ -129,6 +130,8 @@ class Call:
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.start = 0.0
+        #: the call's spans (tracing on only)
+        self.trace: CallTrace | None = None
 
     @property
     def finished(self) -> bool:
@@ -301,6 +304,8 @@ class Call:
         """End the call with ``code`` (trailers-only unless response headers went out)."""
         if self.state is State.DONE:
             return
+        if self.trace is not None:
+            self.trace.error(f"{code_name(code)}: {message}")
         down = self.down
         down.conn.send_headers(down, status_block(code, message, self.winner is None), True)
         self.finish()
@@ -312,6 +317,8 @@ class Call:
         self.buffered = None
         self.release_retry()
         self.resolve = None
+        if self.trace is not None:
+            self.trace.end(**{"modelyard.pool": self.pool.name if self.pool else None, "modelyard.tries": self.tries})
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -50,6 +50,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-health-check", action="store_true", help="disable active grpc.health.v1 checks")
     p.add_argument("--health-interval", type=float, help=f"active health-check interval in seconds (default {default(HealthCheckConfig, 'interval')})")
     p.add_argument("--drain-grace", type=float, help=f"seconds to wait for in-flight requests when draining (default {default(DrainConfig, 'grace')})")
+    p.add_argument("--otlp-endpoint", metavar="HOST:PORT",
+                   help="trace calls with OpenTelemetry (a span per call, a pick span per attempt; traceparent sent "
+                        "with the balancer's span as parent), exporting to this OTLP/gRPC collector")
     p.add_argument("--check", action="store_true", help="validate the configuration and exit")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.set_defaults(func=run)
@@ -68,6 +71,8 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
         "admin": {"address": None} if args.no_admin else {"address": admin} if admin else None,
         "workers": args.workers,
         "drain.grace": args.drain_grace,
+        "tracing.enabled": True if args.otlp_endpoint else None,
+        "tracing.endpoint": args.otlp_endpoint,
     })
     if args.rest_listen:
         data = override(data, {"rest.listeners": [{"address": args.rest_listen}]})

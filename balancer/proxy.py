@@ -30,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 
+from modelyard import tracing
 from modelyard.balancer.call import Attempt, Call, State
 from modelyard.balancer.downstream import DownstreamConnection
 from modelyard.balancer.endpoint import NoEndpoint, Outcome
@@ -53,6 +55,7 @@ from modelyard.balancer.pool import Pool
 from modelyard.balancer.request_head import HeadCache, RequestHead
 from modelyard.balancer.retry import backoff, decide_retry
 from modelyard.balancer.routing import Router
+from modelyard.balancer.tracing import start_call
 from modelyard.clock import MONOTONIC, Clock
 
 __all__ = ["DownstreamConnection", "Proxy"]
@@ -134,7 +137,7 @@ class Proxy:
         head = self._heads.get(headers)
         if head is None:
             head = RequestHead(headers, self.unary_methods, self.idempotent_methods)
-            if head.timeout is None:
+            if head.timeout is None and head.traceparent is None:  # both differ per call: never hit
                 self._heads.put(headers, head)
         conn: DownstreamConnection = st.conn  # type: ignore[assignment]
         if head.error is not None:
@@ -144,6 +147,8 @@ class Proxy:
         st.handler = call
         self.in_flight += 1
         call.start = self.clock.now()
+        if tracing.ACTIVE is not None:
+            call.trace = start_call(head.method, head.traceparent, **{"rpc.system": "grpc"})
         if head.timeout is not None:  # armed now: a model-routed call may wait for its first bytes
             self.arm_deadline(call, call.start + head.timeout)
         if self.draining and head.method == HEALTH_CHECK:
@@ -223,6 +228,8 @@ class Proxy:
         assert pool is not None
         now = self.clock.now()
         exclude = call.tried
+        trace = call.trace
+        pick_ns = time.perf_counter_ns() if trace is not None else 0
         for _ in range(4):  # an endpoint can be retired between snapshot and pick
             try:
                 ep = pool.picker.pick(pool.snapshot, exclude)
@@ -244,6 +251,8 @@ class Proxy:
             return
         if pool.snapshot.panic:
             pool.stats.count(pool.name, "panic_picks")
+        if trace is not None:
+            trace.picked(pick_ns, pool.name, pool.picker.name, ep.address, call.tries + 1)
         call.tries += 1
         call.state = State.ATTEMPTING
         a = Attempt(call, ep, call.tries, now)
@@ -277,6 +286,9 @@ class Proxy:
         block = head.block if head.has_authority else encode_field((b":authority", up.address.encode())) + head.block
         if call.deadline is not None:
             block += timeout_field(call.deadline - now)
+        tp = head.traceparent if trace is None else trace.traceparent  # as received, or our span as parent
+        if tp is not None:
+            block += encode_field((b"traceparent", tp))
         buf = call.buffered
         if not buf:
             conn.send_headers(ust, block, call.req_done)

@@ -13,12 +13,14 @@ HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"tr
 class RequestHead:
     """What the proxy needs from a request's headers; cached per header list (without a timeout)."""
 
-    __slots__ = ("block", "error", "has_authority", "idempotent", "method", "path", "timeout", "unary")
+    __slots__ = ("block", "error", "has_authority", "idempotent", "method", "path", "timeout", "traceparent", "unary")
 
     def __init__(self, headers: Headers, unary: frozenset[bytes] = frozenset(),
                  idempotent: frozenset[bytes] = frozenset()) -> None:
         self.error: tuple[bytes, str] | None = None
         self.timeout: float | None = None
+        #: W3C trace context: not in ``block``; each attempt sends it (as received, or with the balancer's span)
+        self.traceparent: bytes | None = None
         path = verb = ctype = authority = b""
         scheme = b"http"
         rest: list[tuple[bytes, bytes]] = []
@@ -34,6 +36,8 @@ class RequestHead:
                     scheme = v
             elif k == b"grpc-timeout":
                 self.timeout = parse_timeout(v)
+            elif k == b"traceparent":
+                self.traceparent = v
             elif k == b"content-type":
                 ctype = v
                 rest.append((k, v))

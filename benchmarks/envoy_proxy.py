@@ -27,11 +27,12 @@ def envoy_binary() -> str:
 
 
 def envoy_config(listen_port: int, admin_port: int, lb_policy: str, endpoint_ports: Sequence[int],
-                 path: Path) -> Path:
-    """Fill ``envoy/bench-template.yaml`` (plain h2c gRPC proxy, STATIC cluster) and write it to ``path``."""
+                 path: Path, template: str = "bench-template.yaml") -> Path:
+    """Fill ``envoy/<template>`` and write it to ``path``: ``bench-template.yaml`` is a plain h2c gRPC proxy,
+    ``bench-http1-template.yaml`` an HTTP/1.1 proxy with HTTP/1.1 upstreams; both a STATIC cluster."""
     eps = "\n".join(f"        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}"
                     for p in endpoint_ports)
-    text = Template((ROOT / "envoy" / "bench-template.yaml").read_text()).substitute(
+    text = Template((ROOT / "envoy" / template).read_text()).substitute(
         listen_port=listen_port, admin_port=admin_port, lb_policy=lb_policy, endpoints=eps)
     path.write_text(text)
     return path

@@ -65,13 +65,17 @@ _COUNTER = itertools.count(1)
 _PREFIX = f"r{os.getpid():x}."
 
 
+#: ``lookup(request, name)``: a header or metadata value of ``request`` by lower-case name, or None
+Lookup = Callable[[Any, str], "str | bytes | None"]
+
+
 class RequestTag:
     """A request as log lines see it: its id is worked out on first use (most requests log nothing)."""
 
-    __slots__ = ("_id", "_lookup")
+    __slots__ = ("_id", "_lookup", "_request")
 
-    def __init__(self, lookup: Callable[[str], str | None]) -> None:
-        #: header / metadata lookup by lower-case name
+    def __init__(self, request: Any, lookup: Lookup) -> None:
+        self._request = request
         self._lookup = lookup
         self._id: str | None = None
 
@@ -79,24 +83,26 @@ class RequestTag:
     def id(self) -> str:
         rid = self._id
         if rid is None:
-            rid = None
+            found: str | bytes | None = None
             try:
-                rid = self._lookup("x-request-id")
-                if not rid:
-                    tp = parse_traceparent(self._lookup("traceparent"))
-                    rid = f"{tp[0]:032x}" if tp is not None else None
+                found = self._lookup(self._request, "x-request-id")
+                if not found:
+                    tp = parse_traceparent(self._lookup(self._request, "traceparent"))
+                    found = f"{tp[0]:032x}" if tp is not None else None
             except Exception:  # a lookup on a finished request: never break a log line
-                rid = None
-            self._id = rid = (rid or f"{_PREFIX}{next(_COUNTER)}")[:128]
+                found = None
+            if isinstance(found, bytes):
+                found = found.decode("latin-1")
+            self._id = rid = (found or f"{_PREFIX}{next(_COUNTER)}")[:128]
         return rid
 
 
 _REQUEST: contextvars.ContextVar[RequestTag | None] = contextvars.ContextVar("modelyard_request", default=None)
 
 
-def bind_request(lookup: Callable[[str], str | None]) -> contextvars.Token[RequestTag | None]:
+def bind_request(request: Any, lookup: Lookup) -> contextvars.Token[RequestTag | None]:
     """Log lines from here on in this context (task) carry this request's id; reset with the token."""
-    return _REQUEST.set(RequestTag(lookup))
+    return _REQUEST.set(RequestTag(request, lookup))
 
 
 def unbind_request(token: contextvars.Token[RequestTag | None]) -> None:

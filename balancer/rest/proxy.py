@@ -29,12 +29,14 @@ import contextlib
 import fnmatch
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import cast
 
 import httptools
 
+from modelyard import tracing
 from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome
 from modelyard.balancer.pool import Pool
 from modelyard.balancer.rest.config import RestConfig
@@ -52,6 +54,7 @@ from modelyard.balancer.rest.wire import (
 )
 from modelyard.balancer.retry import RetryDecision, backoff, decide_retry
 from modelyard.balancer.routing import Router
+from modelyard.balancer.tracing import CallTrace, start_call
 from modelyard.clock import MONOTONIC, Clock
 
 log = logging.getLogger("modelyard.balancer.rest")
@@ -85,7 +88,7 @@ class RestCall:
 
     __slots__ = ("body", "body_len", "close_after", "conn", "deadline", "ep", "error", "expect_continue",
                  "forward", "has_host", "headers", "idempotent", "inflight", "method", "model", "openai", "path", "pending",
-                 "pool", "proxy", "rechunk", "started", "state", "status", "t0", "target", "timer", "traceparent",
+                 "pool", "proxy", "rechunk", "started", "state", "status", "t0", "target", "timer", "trace", "traceparent",
                  "tried", "tries", "up", "version")
 
     def __init__(self, proxy: RestProxy, conn: RestConnection) -> None:
@@ -127,6 +130,8 @@ class RestCall:
         self.started = 0.0
         #: answered by the relay itself (a malformed or refused request): (status, message)
         self.error: tuple[int, str] | None = None
+        #: the call's spans (tracing on only)
+        self.trace: CallTrace | None = None
 
     # ------------------------------------------------------------------ routing
 
@@ -135,6 +140,9 @@ class RestCall:
         proxy = self.proxy
         proxy.in_flight += 1
         self.started = proxy.clock.now()
+        if tracing.ACTIVE is not None:
+            self.trace = start_call(f"{self.method.decode('latin-1')} {self.path.decode('latin-1')}",
+                                    self.traceparent, **{"http.request.method": self.method.decode("latin-1")})
         if self.error is not None:
             self.reply_error(*self.error)
             return
@@ -197,6 +205,8 @@ class RestCall:
         assert pool is not None
         proxy = self.proxy
         exclude = self.tried
+        trace = self.trace
+        pick_ns = time.perf_counter_ns() if trace is not None else 0
         for _ in range(4):  # an endpoint can be retired between snapshot and pick
             try:
                 ep = pool.picker.pick(pool.http_snapshot, exclude)
@@ -220,6 +230,8 @@ class RestCall:
             return
         if pool.http_snapshot.panic:
             pool.stats.count(pool.name, "panic_picks")
+        if trace is not None:
+            trace.picked(pick_ns, pool.name, pool.picker.name, ep.http or ep.address, self.tries + 1)
         now = proxy.clock.now()
         self.tries += 1
         self.state = ATTEMPTING
@@ -434,6 +446,9 @@ class RestCall:
         """Answer the client ourselves (nothing was relayed yet)."""
         if self.state == DONE:
             return
+        self.status = status
+        if self.trace is not None:
+            self.trace.error(f"HTTP {status}: {message}")
         self.conn.queue(error_response(status, message, openai=self.openai, close=self.close_after))
         self.finish()
 
@@ -442,6 +457,9 @@ class RestCall:
             return
         held = self.state == HELD
         self.state = DONE
+        if self.trace is not None:
+            self.trace.end(**{"http.response.status_code": self.status or None,
+                              "modelyard.pool": self.pool.name if self.pool else None, "modelyard.tries": self.tries})
         self.body = []
         self.forward = None
         if self.timer is not None:
@@ -492,7 +510,7 @@ class RestConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         self.transport = cast(asyncio.Transport, transport)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.proxy.connections.add(self)
         self.last_progress = self.proxy.loop_time()
         if self.proxy.draining_connections:
@@ -760,8 +778,9 @@ class RestProxy:
             parts += (name, b": ", value, b"\r\n")
         if call.body_len or call.method in (b"POST", b"PUT", b"PATCH"):
             parts.append(b"content-length: %d\r\n" % call.body_len)
-        if call.traceparent is not None:
-            parts += (b"traceparent: ", call.traceparent, b"\r\n")
+        tp = call.traceparent if call.trace is None else call.trace.traceparent  # as received, or our span
+        if tp is not None:
+            parts += (b"traceparent: ", tp, b"\r\n")
         parts.append(b"\r\n")
         head = b"".join(parts)
         body = call.body

@@ -87,7 +87,8 @@ class HttpConnection(asyncio.Protocol):
         self.upstream.connect_succeeded()
         out, self._out = self._out, None
         if out:
-            transport.writelines(out) if len(out) > 1 else transport.write(out[0])
+            t = self.transport
+            t.writelines(out) if len(out) > 1 else t.write(out[0])
             self.sent = True
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -15,11 +15,13 @@ import logging
 import time
 from collections.abc import Callable
 
+from modelyard import tracing
 from modelyard.server.errors import DeadlineExceeded, ModelExecutionError, ModelNotReady
 from modelyard.server.execution.instances import Instance, InstancePool
 from modelyard.server.model_config import DynamicBatching, ModelConfig
 from modelyard.server.scheduling.planner import BatchPlanner, Pending, PlannerConfig
 from modelyard.server.scheduling.scheduler import BatchObserver, Scheduler
+from modelyard.server.tracing import current_span, record_execution
 from modelyard.server.types import InferRequest, InferResponse
 
 log = logging.getLogger("modelyard.server")
@@ -28,12 +30,14 @@ log = logging.getLogger("modelyard.server")
 class _Job:
     """A queued request and the future its caller awaits."""
 
-    __slots__ = ("future", "queued_ns", "request")
+    __slots__ = ("future", "queued_ns", "request", "span")
 
     def __init__(self, request: InferRequest, future: asyncio.Future[InferResponse]) -> None:
         self.request = request
         self.future = future
         self.queued_ns = time.perf_counter_ns()
+        #: the request's span when tracing is on: its queue, batch and compute are recorded under it
+        self.span = current_span()
 
 
 class DynamicBatcher(Scheduler):
@@ -127,6 +131,12 @@ class DynamicBatcher(Scheduler):
             results = [ModelExecutionError(f"backend returned {len(results)} results for {len(jobs)} requests")] * len(jobs)
         if self.observer is not None:
             self.observer(sum(j.request.batch_size() for j in jobs), queue_ns, compute_ns, inst.name)
+        if tracing.ACTIVE is not None and any(j.span is not None for j in jobs):
+            finished = time.perf_counter_ns()
+            size = sum(j.request.batch_size() for j in jobs)
+            for j in jobs:
+                record_execution(j.span, j.queued_ns, started, finished, compute_ns, size, inst.name,
+                                 self.config.name)
         for job, result in zip(jobs, results, strict=True):
             if job.future.done():
                 continue
