@@ -63,7 +63,7 @@ protos: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy core server clients balancer autoscaler protos/tensors.py protos/params.py
+	$(BIN)/mypy core server clients balancer autoscaler security protos/tensors.py protos/params.py
 
 clean:
 	rm -rf $(VENV) .venv-mlserver .peers .torch build *.egg-info

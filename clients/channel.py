@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from modelyard.clients.proxyless import ProxylessChannel, is_proxyless
 from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
+from modelyard.security.tls import read_client_files
 
 MiB = 1024 * 1024
 DEFAULT_URL = "127.0.0.1:8001"
@@ -78,6 +79,14 @@ class ChannelSettings:
         return grpc.aio.insecure_channel(self.target, options=self.channel_options())
 
 
+def tls_credentials(ca: str | None = None, cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: the CA bundle to trust (None: the system's roots) and, for
+    mTLS, this client's certificate chain and key (:class:`modelyard.security.files.LoadError` when one
+    cannot be read)."""
+    files = read_client_files(ca, cert, key)
+    return grpc.ssl_channel_credentials(files.ca, files.key, files.cert)
+
+
 def make_settings(
     url: str,
     *,
@@ -87,10 +96,18 @@ def make_settings(
     headers: Mapping[str, str] | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     channel_options: Sequence[tuple[str, Any]] = (),
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    server_name: str | None = None,
 ) -> ChannelSettings:
-    """Settings from the keyword arguments both clients take; ``ssl=True`` uses the system roots."""
-    if credentials is None and ssl:
-        credentials = grpc.ssl_channel_credentials()
+    """Settings from the keyword arguments both clients take. ``ssl=True`` uses the system roots;
+    ``ca`` (a PEM bundle to trust instead) and ``cert``/``key`` (a client certificate for mTLS) imply TLS;
+    ``server_name`` is the name the server's certificate must carry when it differs from the URL's host."""
+    if credentials is None and (ssl or ca or cert or key):
+        credentials = tls_credentials(ca, cert, key)
+    if server_name:
+        channel_options = (*channel_options, ("grpc.ssl_target_name_override", server_name))
     return ChannelSettings(
         url=url,
         credentials=credentials,
@@ -115,10 +132,15 @@ class ClientBase:
         headers: Mapping[str, str] | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel_options: Sequence[tuple[str, Any]] = (),
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.settings = make_settings(
             url, ssl=ssl, credentials=credentials, token=token, headers=headers,
             max_message_bytes=max_message_bytes, channel_options=channel_options,
+            ca=ca, cert=cert, key=key, server_name=server_name,
         )
         self._channel = self._open(self.settings)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)

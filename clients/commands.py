@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from modelyard.clients.render import (
     stream_table,
 )
 from modelyard.protos import grpc_service_pb2 as pb
+from modelyard.security.files import LoadError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -60,7 +62,7 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
             return handler(args)
         except InferenceServerError as exc:
             return _fail(f"{exc.code.name}: {exc.message or 'no details'} ({args.url})", EXIT_FAILED)
-        except InputError as exc:
+        except (InputError, LoadError) as exc:
             return _fail(str(exc), EXIT_USAGE)
         except KeyboardInterrupt:
             return _fail("interrupted", 130)
@@ -68,8 +70,14 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     return run
 
 
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments both clients take from the connection flags."""
+    return {"ssl": args.ssl, "token": args.token, "ca": args.ca, "cert": args.cert, "key": args.key,
+            "server_name": args.server_name}
+
+
 def _client(args: argparse.Namespace) -> InferenceClient:
-    return InferenceClient(args.url, ssl=args.ssl, token=args.token)
+    return InferenceClient(args.url, **_connection(args))
 
 
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:
@@ -78,7 +86,14 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="deadline for each call in seconds (default 30)")
     p.add_argument("--ssl", action="store_true", help="connect with TLS using the system's root certificates")
-    p.add_argument("--token", metavar="TOKEN", help="bearer token sent as 'authorization: Bearer TOKEN' metadata")
+    p.add_argument("--ca", metavar="PEM", help="connect with TLS, trusting this CA bundle instead of the system's roots")
+    p.add_argument("--cert", metavar="PEM", help="client certificate chain for mTLS (with --key; implies TLS)")
+    p.add_argument("--key", metavar="PEM", help="private key of --cert")
+    p.add_argument("--server-name", metavar="NAME",
+                   help="the name the server's certificate must carry, when not the host of --url")
+    p.add_argument("--token", metavar="TOKEN", default=os.environ.get("MODELYARD_TOKEN") or None,
+                   help="bearer token sent as 'authorization: Bearer TOKEN' metadata "
+                        "(default: $MODELYARD_TOKEN; on the command line it shows in the process list)")
 
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:
@@ -210,7 +225,7 @@ def _profile_of(args: argparse.Namespace) -> list[Segment] | None:
 
 async def _bench(args: argparse.Namespace) -> BenchReport:
     profile = _profile_of(args)
-    async with AsyncInferenceClient(args.url, ssl=args.ssl, token=args.token) as client:
+    async with AsyncInferenceClient(args.url, **_connection(args)) as client:
         metadata = await client.model_metadata(args.model, args.version, timeout=args.timeout)
         inputs = _build_inputs(args, metadata)
         if profile is not None:

@@ -8,17 +8,27 @@ import grpc
 class InferenceServerError(Exception):
     """A failed call: ``code`` is the gRPC status, ``message`` the server's explanation."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{code.name}: {message}" if message else code.name)
         self.code = code
         self.message = message
+        #: seconds the server asked to wait before trying again (its ``retry-after-ms`` trailer), if any
+        self.retry_after = retry_after
 
     @classmethod
     def from_rpc_error(cls, exc: grpc.RpcError) -> InferenceServerError:
-        """Wrap a grpc error (sync or aio); both expose ``code()`` and ``details()``."""
+        """Wrap a grpc error (sync or aio); both expose ``code()``, ``details()`` and ``trailing_metadata()``."""
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+        retry_after = None
+        trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+        for key, value in trailers or ():
+            if key == "retry-after-ms":
+                try:
+                    retry_after = int(value) / 1000.0
+                except (TypeError, ValueError):
+                    pass
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", retry_after)
 
     @classmethod
     def from_stream_message(cls, text: str) -> InferenceServerError:

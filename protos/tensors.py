@@ -53,6 +53,9 @@ CONTENTS_FIELD: dict[str, str] = {
 CONFIG_TYPES: dict[str, str] = {f"TYPE_{k}": k for k in DTYPES} | {"TYPE_STRING": "BYTES"}
 
 _U32 = struct.Struct("<I")
+#: most dimensions a tensor may have (numpy's own limit is 64; no model needs more than a handful)
+MAX_DIMS = 32
+INT64_MAX = 2**63 - 1
 
 
 class TensorError(ValueError):
@@ -81,6 +84,32 @@ def element_count(shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in shape)
 
 
+def check_shape(shape: Sequence[int], name: str = "", max_elements: int | None = None) -> int:
+    """The element count of ``shape``, checked before anything is allocated for it.
+
+    Refused with :class:`TensorError`: more than :data:`MAX_DIMS` dimensions, a negative dimension, a
+    dimension or an element count above ``max_elements`` (callers pass the message size limit: every
+    element takes at least a byte), an element count past int64 (``[2**32, 2**32]``), and a huge
+    dimension hidden by a zero (``[0, 2**62]``: numpy could not represent it either).
+    """
+    dims = list(shape)
+    if len(dims) > MAX_DIMS:
+        raise TensorError(f"input '{name}': shape has {len(dims)} dimensions; at most {MAX_DIMS} are supported")
+    bound = INT64_MAX if max_elements is None else min(max_elements, INT64_MAX)
+    count = 1
+    for d in dims:
+        if d < 0:
+            raise TensorError(f"input '{name}': shape {dims} has a negative dimension")
+        if d > bound:
+            raise TensorError(f"input '{name}': shape {dims} has a dimension larger than {bound} "
+                              f"({'the message size limit' if max_elements is not None else 'int64'})")
+        count *= d
+    if count > bound:
+        what = "the message size limit" if max_elements is not None and max_elements <= INT64_MAX else "int64"
+        raise TensorError(f"input '{name}': shape {dims} has {count} elements, more than {bound} ({what})")
+    return count
+
+
 def serialize_bytes(array: np.ndarray) -> bytes:
     """Encode a BYTES tensor as 4-byte little-endian length-prefixed elements."""
     parts: list[bytes] = []
@@ -92,11 +121,21 @@ def serialize_bytes(array: np.ndarray) -> bytes:
 
 
 def deserialize_bytes(raw: bytes | memoryview, count: int | None = None, name: str = "") -> list[bytes]:
-    """Decode length-prefixed BYTES elements; raises TensorError naming ``name`` on malformed input."""
+    """Decode length-prefixed BYTES elements; raises TensorError naming ``name`` on malformed input.
+
+    With ``count``, a buffer too short to hold that many elements (4 bytes of length each) is refused
+    before parsing, and parsing stops at the first element past ``count``: memory stays proportional
+    to what the shape allows."""
     view = memoryview(raw)
     out: list[bytes] = []
     pos, end = 0, len(view)
+    if count is not None and count * 4 > end:
+        raise TensorError(f"input '{name}': expected {count} BYTES elements for its shape, but {end} bytes "
+                          f"cannot hold them (each needs a 4-byte length)")
     while pos < end:
+        if count is not None and len(out) == count:
+            raise TensorError(f"input '{name}': more than the {count} BYTES elements its shape holds "
+                              f"({end - pos} bytes left over)")
         if pos + 4 > end:
             raise TensorError(f"input '{name}': BYTES element {len(out)} has a truncated 4-byte length prefix")
         (n,) = _U32.unpack_from(view, pos)
@@ -122,15 +161,15 @@ def to_raw(array: np.ndarray) -> bytes:
     return arr.tobytes()
 
 
-def from_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:
-    """Decode raw contents into a numpy array of ``shape``; checks the byte size exactly."""
+def from_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int], name: str = "",
+             max_elements: int | None = None) -> np.ndarray:
+    """Decode raw contents into a numpy array of ``shape``; checks the shape (:func:`check_shape`)
+    and the byte size exactly before allocating anything."""
     dt = DTYPES.get(datatype)
     if dt is None:
         raise TensorError(f"input '{name}': unknown datatype '{datatype}'")
     dims = tuple(shape)
-    if dims and min(dims) < 0:
-        raise TensorError(f"input '{name}': shape {list(dims)} has a negative dimension")
-    count = math.prod(dims)
+    count = check_shape(dims, name, max_elements)
     if datatype == "BYTES":
         items = deserialize_bytes(raw, count, name)
         arr = np.empty(count, dtype=object)
@@ -142,15 +181,21 @@ def from_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int], name:
     return np.frombuffer(raw, dtype=dt).reshape(dims)
 
 
-def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int], name: str = "") -> np.ndarray:
-    """Decode typed ``InferTensorContents`` (what grpcurl/JSON users send)."""
+def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int], name: str = "",
+                  max_elements: int | None = None) -> np.ndarray:
+    """Decode typed ``InferTensorContents`` (what grpcurl/JSON users send); the shape is checked
+    (:func:`check_shape`) and must match the number of values, and the values must all be in the
+    datatype's field (values in another field are refused, not ignored)."""
     if datatype == "FP16":
         raise TensorError(f"input '{name}': FP16 has no typed contents field; send raw_input_contents")
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise TensorError(f"input '{name}': unknown datatype '{datatype}'")
+    count = check_shape(shape, name, max_elements)
+    for other, _ in contents.ListFields():
+        if other.name != field:
+            raise TensorError(f"input '{name}': {datatype} data goes in {field}, but {other.name} is set")
     values = getattr(contents, field)
-    count = element_count(shape)
     if len(values) != count:
         raise TensorError(
             f"input '{name}': shape {list(shape)} needs {count} elements in {field}, got {len(values)}"

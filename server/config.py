@@ -7,13 +7,34 @@ Each model's ``config.yaml`` is :mod:`modelyard.server.model_config`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelyard.config import Check
+from modelyard.security.config import AuthConfig, RateLimitConfig, TlsConfig
 from modelyard.server.demo_models import DEMO_REPOSITORY
+from modelyard.tracing import TracingConfig
 
 MiB = 1024 * 1024
+
+
+@dataclass
+class OverloadConfig:
+    """Server-wide load shedding (per-model bounds are ``max_concurrency`` and ``max_queue_size`` in config.yaml)."""
+
+    #: inference requests in flight in the whole server (gRPC, streams, REST, OpenAI) beyond which a new
+    #: one is answered RESOURCE_EXHAUSTED at once, before it is queued (0 = no limit)
+    max_inflight: int = 1024
+    #: a request still waiting for a model instance after this many ms is answered RESOURCE_EXHAUSTED
+    #: instead of computed, so latency stays bounded under overload (0 = no bound)
+    max_queue_ms: float = 0.0
+    #: the retry-after hint sent with those answers (ms)
+    retry_after_ms: int = 100
+
+    def validate(self, check: Check) -> None:
+        check(self.max_inflight >= 0, "max_inflight", "must be >= 0 (0 = no limit)")
+        check(self.max_queue_ms >= 0, "max_queue_ms", "must be >= 0 (0 = no bound)")
+        check(self.retry_after_ms >= 0, "retry_after_ms", "must be >= 0")
 
 
 @dataclass
@@ -46,6 +67,16 @@ class ServerConfig:
     health_queue_depth: int = 100
     #: ... or when a GPU in use has more than this fraction of its memory used
     health_gpu_memory: float = 0.9
+    #: TLS / mTLS on both ports (docs/security.md)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    #: bearer tokens and what each may do (docs/security.md)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    #: per-client token buckets (client = the token's name, else the peer address)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    #: load shedding: answer RESOURCE_EXHAUSTED at once instead of queueing without bound
+    overload: OverloadConfig = field(default_factory=lambda: OverloadConfig())
+    #: OpenTelemetry spans (request, queue, batch, compute) over OTLP; off by default (docs/operations.md)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @property
     def repository_path(self) -> Path:

@@ -15,7 +15,8 @@ from modelyard.config import ConfigError
 
 __all__ = ["AlreadyExists", "Cancelled", "ConfigError", "DeadlineExceeded", "InvalidConfig", "InvalidInput",
            "ModelExecutionError", "ModelNotFound", "ModelNotReady", "ModelyardError", "NotFound", "Overloaded",
-           "PayloadTooLarge", "Unsupported", "UnsupportedEncoding", "as_modelyard_error"]
+           "PayloadTooLarge", "PermissionDenied", "Unauthenticated", "Unsupported", "UnsupportedEncoding",
+           "as_modelyard_error"]
 
 
 class ModelyardError(Exception):
@@ -23,6 +24,8 @@ class ModelyardError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     http: int = 500
+    #: when to try again, in ms (gRPC trailing metadata ``retry-after-ms``, HTTP ``Retry-After``); None: no hint
+    retry_after_ms: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -75,10 +78,28 @@ class ModelNotReady(ModelyardError):
 
 
 class Overloaded(ModelyardError):
-    """Too many requests queued or in flight for a model."""
+    """Too many requests queued or in flight (for a model or the server), or a client over its rate limit."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http = 429
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class Unauthenticated(ModelyardError):
+    """No bearer token, or one the server does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http = 401
+
+
+class PermissionDenied(ModelyardError):
+    """A known caller without the right to this model or admin operation."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    http = 403
 
 
 class DeadlineExceeded(ModelyardError):

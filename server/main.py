@@ -19,18 +19,29 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
+from modelyard import tracing
 from modelyard.config import ConfigError, default, load, override, read_yaml
 from modelyard.launcher import print_ready
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos._pool import POOL
-from modelyard.server.config import ServerConfig
+from modelyard.security.config import RateLimitConfig, TlsConfig
+from modelyard.security.files import LoadError
+from modelyard.security.tls import TlsFiles
+from modelyard.server.admission import Admission
+from modelyard.server.config import OverloadConfig, ServerConfig
 from modelyard.server.frontends.grpc_api import InferenceServicer, add_inference_service
-from modelyard.server.frontends.health_api import HEALTH_SERVICE, add_health_route, add_health_service
+from modelyard.server.frontends.health_api import (
+    HEALTH_SERVICE,
+    add_grpc_health,
+    add_health_route,
+    add_health_service,
+)
 from modelyard.server.frontends.openai_api import add_openai_routes
 from modelyard.server.frontends.reflection import enable_reflection
 from modelyard.server.frontends.rest_api import build_app
+from modelyard.server.guard import Guard
 from modelyard.server.health import HealthReport, assess
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.repository import ModelRepository
@@ -51,7 +62,12 @@ class ModelServer:
         self.settings = settings
         self.grpc_options = list(grpc_options)
         self.metrics = ServerMetrics()
-        self.repository = ModelRepository(settings.repository_path, self.metrics, unload_grace=settings.grace)
+        self.admission = Admission.from_config(settings.overload, self.metrics)
+        self.repository = ModelRepository(settings.repository_path, self.metrics, unload_grace=settings.grace,
+                                          admission=self.admission)
+        #: tokens and rate limits (None when neither is configured); certificates (None: cleartext)
+        self.guard: Guard | None = None
+        self.tls: TlsFiles | None = None
         self.health = health.aio.HealthServicer()
         #: system shared memory regions, one registry for gRPC and REST (a region registered over
         #: one protocol is usable from the other, as in Triton)
@@ -103,32 +119,52 @@ class ModelServer:
             ("grpc.so_reuseport", 0),
             *self.grpc_options,
         ]
+        await self._load_security()
+        guard = self.guard
         server = grpc.aio.server(options=options)
-        self.servicer = InferenceServicer(self.repository, self.is_ready, self.shm)
+        self.servicer = InferenceServicer(self.repository, self.is_ready, self.shm, guard, s.max_message_bytes)
         add_inference_service(self.servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        add_health_service(self.health_report, server)
-        enable_reflection(server, (INFERENCE_SERVICE, health.SERVICE_NAME, HEALTH_SERVICE), POOL)
-        bound = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        add_grpc_health(self.health, server, guard)
+        add_health_service(self.health_report, server, guard)
+        enable_reflection(server, (INFERENCE_SERVICE, health.SERVICE_NAME, HEALTH_SERVICE), POOL, guard=guard)
+        address = f"{s.host}:{s.grpc_port}"
+        bound = (server.add_secure_port(address, self.tls.grpc_credentials()) if self.tls is not None
+                 else server.add_insecure_port(address))
         if bound == 0:
             raise SystemExit(f"modelyard: cannot bind gRPC to {s.host}:{s.grpc_port}")
         self.grpc_port = bound
         await server.start()
         self._grpc = server
-        app = build_app(self.repository, self.metrics, self.is_ready, s.max_message_bytes, self.shm)
+        app = build_app(self.repository, self.metrics, self.is_ready, s.max_message_bytes, self.shm, guard)
         add_openai_routes(app)
         add_health_route(app, self.health_report)
         # bodies are decompressed by rest_api.read_body (a worker thread for big ones, 415 for unknown encodings)
         self._http = web.AppRunner(app, access_log=None, auto_decompress=False)
         await self._http.setup()
-        site = web.TCPSite(self._http, s.host, s.http_port)
+        site = web.TCPSite(self._http, s.host, s.http_port,
+                           ssl_context=self.tls.ssl_context() if self.tls is not None else None)
         await site.start()
         if s.http_port == 0:
             self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        for watcher in (self.tls, self.guard):
+            if watcher is not None:
+                watcher.start()
         self.started = True
         self._sync_health()
-        log.info("modelyard serving %d model(s) from %s: gRPC %s:%d, HTTP %s:%d",
-                 len(self.repository.models), s.repository_path, s.host, self.grpc_port, s.host, self.http_port)
+        log.info("modelyard serving %d model(s) from %s: gRPC %s:%d, HTTP %s:%d%s",
+                 len(self.repository.models), s.repository_path, s.host, self.grpc_port, s.host, self.http_port,
+                 " (TLS, client certificates required)" if s.tls.client_ca else " (TLS)" if s.tls.enabled else "")
+
+    async def _load_security(self) -> None:
+        """Certificates and tokens, read and checked in a worker thread; a problem stops the start (exit 1)."""
+        s = self.settings
+        try:
+            if s.tls.enabled:
+                self.tls = await asyncio.to_thread(TlsFiles, s.tls, ("http/1.1",))
+            if s.auth.enabled or s.rate_limit.enabled:
+                self.guard = await asyncio.to_thread(Guard, s.auth, s.rate_limit, self.metrics)
+        except LoadError as exc:
+            raise SystemExit(f"modelyard: {exc}") from None
 
     def request_stop(self) -> None:
         """Signal-safe: only sets a flag."""
@@ -151,6 +187,9 @@ class ModelServer:
             await self._grpc.stop(max(0.0, grace - (time.monotonic() - t0)))
         if self._http is not None:
             await self._http.cleanup()
+        for watcher in (self.tls, self.guard):
+            if watcher is not None:
+                await asyncio.to_thread(watcher.close)
         await self.repository.close()
         self.shm.close()
         log.info("modelyard stopped")
@@ -172,11 +211,13 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        tracing.setup(self.settings.tracing, "modelyard-serve")  # imports OpenTelemetry only when enabled
         await self.startup()
         host = self.settings.host
         print_ready(grpc=f"{host}:{self.grpc_port}", http=f"{host}:{self.http_port}")
         await self._stop.wait()
         await self.shutdown()
+        await asyncio.to_thread(tracing.shutdown)  # the last spans are exported
 
 
 def run_server(settings: ServerConfig) -> int:
@@ -220,12 +261,26 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "loop": args.loop,
         "health_queue_depth": args.health_queue_depth,
         "health_gpu_memory": args.health_gpu_memory,
+        "tracing.enabled": True if args.otlp_endpoint else None,
+        "tracing.endpoint": args.otlp_endpoint,
+        "tls.cert": args.tls_cert,
+        "tls.key": args.tls_key,
+        "tls.client_ca": args.tls_client_ca,
+        "tls.reload_interval": args.tls_reload_interval,
+        "auth.tokens_file": args.auth_tokens,
+        "auth.tokens_env": args.auth_tokens_env,
+        "auth.exempt": ([k.strip() for k in args.auth_exempt.split(",") if k.strip()]
+                        if args.auth_exempt is not None else None),
+        "rate_limit.rps": args.rate_limit,
+        "rate_limit.burst": args.rate_burst,
+        "overload.max_inflight": args.max_inflight,
+        "overload.max_queue_ms": args.max_queue_ms,
     })
     return load(ServerConfig, data, source=SOURCE)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tracing.configure_logging(getattr(logging, args.log_level.upper()))  # the request id in every line
     try:
         settings = build_config(args)
     except ConfigError as exc:
@@ -265,5 +320,34 @@ def register(sub: Any) -> None:
     p.add_argument("--health-gpu-memory", type=float,
                    help="GET /health reports degraded when a GPU's used memory fraction is above this "
                         f"(default {d('health_gpu_memory')})")
+    tls, rate, over = (partial(default, c) for c in (TlsConfig, RateLimitConfig, OverloadConfig))
+    g = p.add_argument_group("security and overload (docs/security.md)")
+    g.add_argument("--tls-cert", metavar="PEM", help="certificate chain: TLS on the gRPC and HTTP ports (with --tls-key)")
+    g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--tls-client-ca", metavar="PEM",
+                   help="CA bundle client certificates must chain to: mTLS, clients without one are refused")
+    g.add_argument("--tls-reload-interval", type=float, metavar="S",
+                   help="seconds between checks of the certificate files; a change applies to new connections "
+                        f"(default {tls('reload_interval')}; 0 = never)")
+    g.add_argument("--auth-tokens", metavar="FILE",
+                   help="YAML/JSON file of bearer tokens: <token>: {name, models: [globs], admin: [load, unload, "
+                        "shared_memory]}; every call then needs 'authorization: Bearer <token>' (reloaded on change)")
+    g.add_argument("--auth-tokens-env", metavar="VAR",
+                   help="environment variable holding the same document, or one bare token (every model, no admin)")
+    g.add_argument("--auth-exempt", metavar="KINDS",
+                   help="comma-separated calls that need no token: health, reflection, metrics (default: none)")
+    g.add_argument("--rate-limit", type=float, metavar="RPS",
+                   help=f"requests/s per client (token name, else peer address) (default {rate('rps')}: no limit)")
+    g.add_argument("--rate-burst", type=int, metavar="N",
+                   help="requests a client may send at once after being idle (default: max(1, --rate-limit))")
+    g.add_argument("--max-inflight", type=int, metavar="N",
+                   help="inference requests in flight in the whole server beyond which new ones get "
+                        f"RESOURCE_EXHAUSTED at once (default {over('max_inflight')}; 0 = no limit)")
+    g.add_argument("--max-queue-ms", type=float, metavar="MS",
+                   help="a request waiting longer than this for a model instance gets RESOURCE_EXHAUSTED instead of "
+                        f"being computed (default {over('max_queue_ms')}: no bound)")
+    p.add_argument("--otlp-endpoint", metavar="HOST:PORT",
+                   help="trace requests with OpenTelemetry, exporting spans to this OTLP/gRPC collector "
+                        "(needs modelyard[tracing]; default: tracing off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     p.set_defaults(func=_cmd_serve)

@@ -141,6 +141,9 @@ class ServerMetrics:
         self.model_ready = f("gauge", "modelyard_model_ready", "1 when a model version is READY.", ["model", "version"])
         self.cache_hits = f("counter", "modelyard_cache_hits", "Response cache hits.", ["model", "version"])
         self.cache_misses = f("counter", "modelyard_cache_misses", "Response cache misses.", ["model", "version"])
+        self.refused = f("counter", "modelyard_refused",
+                         "Calls refused before reaching a model: unauthenticated, permission_denied, rate_limited, "
+                         "shed_inflight, shed_queue.", ["reason"])
         self.registry.register(self)  # type: ignore[arg-type]
 
     def _family(self, kind: str, name: str, doc: str, labelnames: Sequence[str],

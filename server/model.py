@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 
-from modelyard.server.errors import Cancelled, ModelNotReady, Overloaded, as_modelyard_error
+from modelyard.server.admission import Admission
+from modelyard.server.errors import Cancelled, DeadlineExceeded, ModelNotReady, Overloaded, as_modelyard_error
 from modelyard.server.execution.instances import InstancePool, build_instances, devices_of
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model_config import ModelConfig
@@ -61,6 +62,9 @@ class Accounted:
         limit = mv.config.max_concurrency
         if limit and mv.inflight >= limit:
             raise Overloaded(f"model '{mv.name}' has {mv.inflight} requests in flight (max_concurrency {limit})")
+        admission = mv.admission
+        if admission is not None:
+            admission.enter()
         mv.inflight += 1
         mv._idle.clear()
         mv._m_inflight.inc()
@@ -79,6 +83,8 @@ class Accounted:
             mv.metrics.requests.labels(*mv._labels, as_modelyard_error(error).code.name).inc()
         mv._m_latency.observe(total / 1e9)
         mv.stats.request_done(error is None, total)
+        if mv.admission is not None:
+            mv.admission.exit()
         mv.inflight -= 1
         mv._m_inflight.dec()
         if mv.inflight == 0:
@@ -88,8 +94,11 @@ class Accounted:
 class ModelVersion:
     """One version of one model, from LOADING to READY to UNAVAILABLE."""
 
-    def __init__(self, config: ModelConfig, version: str, path: Path, metrics: ServerMetrics) -> None:
+    def __init__(self, config: ModelConfig, version: str, path: Path, metrics: ServerMetrics,
+                 admission: Admission | None = None) -> None:
         self.config = config
+        #: the server-wide in-flight bound and queue-time bound (None: none)
+        self.admission = admission
         self.name = config.name
         self.version = version
         self.path = path
@@ -188,7 +197,14 @@ class ModelVersion:
         with Accounted(self):
             validate_request(self.config, request)
             assert self._compute is not None
-            response = await self._compute(request)
+            own = self.admission.bound(request) if self.admission is not None else None
+            if own is None:
+                response = await self._compute(request)
+            else:
+                try:
+                    response = await self._compute(request)
+                except DeadlineExceeded:
+                    raise self.admission.queue_shed(request, own) from None  # type: ignore[union-attr]
             return self._shape_response(request, response)
 
     async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
@@ -196,11 +212,19 @@ class ModelVersion:
         with Accounted(self):
             validate_request(self.config, request)
             assert self.scheduler is not None and self._compute is not None
-            if self.config.decoupled:
-                async for resp in self.scheduler.stream(request):
-                    yield self._shape_response(request, resp)
-            else:
-                yield self._shape_response(request, await self._compute(request))
+            own = self.admission.bound(request) if self.admission is not None else None
+            started = False
+            try:
+                if self.config.decoupled:
+                    async for resp in self.scheduler.stream(request):
+                        started = True
+                        yield self._shape_response(request, resp)
+                else:
+                    yield self._shape_response(request, await self._compute(request))
+            except DeadlineExceeded:
+                if own is None or started:
+                    raise
+                raise self.admission.queue_shed(request, own) from None  # type: ignore[union-attr]
 
     def _shape_response(self, request: InferRequest, response: InferResponse) -> InferResponse:
         if isinstance(response, BaseException):

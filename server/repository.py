@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelyard.server.admission import Admission
 from modelyard.server.errors import (
     ConfigError,
     InvalidInput,
@@ -55,10 +56,13 @@ class ModelRepository:
         metrics: ServerMetrics | None = None,
         *,
         unload_grace: float = 30.0,
+        admission: Admission | None = None,
     ) -> None:
         self.root = root.resolve()
         self.metrics = metrics or ServerMetrics()
         self.unload_grace = unload_grace
+        #: the server-wide load-shedding bounds every version shares (None: none)
+        self.admission = admission
         #: name -> {version -> ModelVersion}; replaced wholesale on (re)load, never mutated in place
         self.models: dict[str, dict[str, ModelVersion]] = {}
         self.failed: dict[str, str] = {}
@@ -124,7 +128,7 @@ class ModelRepository:
                 fresh: dict[str, ModelVersion] = {}
                 try:
                     for v in versions:
-                        mv = ModelVersion(cfg, str(v), path / str(v), self.metrics)
+                        mv = ModelVersion(cfg, str(v), path / str(v), self.metrics, self.admission)
                         fresh[str(v)] = mv
                         await mv.load()
                 except BaseException:

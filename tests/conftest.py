@@ -145,3 +145,58 @@ def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPI]:
                 deadline = time.monotonic() + 10
                 while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                     time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ certificates made at test time (trustme)
+
+
+@dataclass(frozen=True)
+class Certs:
+    """PEM files: a test CA, a server certificate for 127.0.0.1/localhost, a client certificate from the
+    same CA (mTLS), and a client certificate from another CA the server does not trust."""
+
+    dir: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+
+    def serve_args(self, mtls: bool = True) -> list[str]:
+        """``modelyard serve`` flags for TLS (and mTLS with this CA)."""
+        args = ["--tls-cert", str(self.server_cert), "--tls-key", str(self.server_key)]
+        return args + (["--tls-client-ca", str(self.ca)] if mtls else [])
+
+
+def make_certs(directory: Path, organization: str = "modelyard tests") -> Certs:
+    """Write a fresh CA and certificates into ``directory`` (trustme)."""
+    import trustme
+
+    ca, rogue_ca = trustme.CA(organization_name=organization), trustme.CA(organization_name="rogue")
+    server = ca.issue_cert("127.0.0.1", "localhost", organization_name=organization)
+    client, rogue = ca.issue_cert("client@modelyard.test"), rogue_ca.issue_cert("rogue@modelyard.test")
+    directory.mkdir(parents=True, exist_ok=True)
+    files = Certs(directory, *(directory / n for n in ("ca.pem", "server.pem", "server.key", "client.pem",
+                                                        "client.key", "rogue.pem", "rogue.key")))
+    ca.cert_pem.write_to_path(str(files.ca))
+    for cert, pem, key in ((server, files.server_cert, files.server_key), (client, files.client_cert, files.client_key),
+                           (rogue, files.rogue_cert, files.rogue_key)):
+        cert.private_key_pem.write_to_path(str(key))
+        cert.cert_chain_pems[0].write_to_path(str(pem))
+        for extra in cert.cert_chain_pems[1:]:
+            extra.write_to_path(str(pem), append=True)
+    return files
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """One set of test certificates for the session (see :class:`Certs`)."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="session")
+def cert_factory():  # type: ignore[no-untyped-def]
+    """``cert_factory(directory, organization)``: certificates of a test's own (reload tests replace them)."""
+    return make_certs

@@ -7,10 +7,12 @@ and translates back. Errors are mapped to status codes in one place, :func:`rpc`
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -27,10 +29,12 @@ from modelyard.server.frontends.tensor_io import (
     read_inputs,
     write_outputs,
 )
+from modelyard.server.guard import CALLER, HEALTH, SERVER, Guard, visible
 from modelyard.server.model import ModelVersion
 from modelyard.server.model_config import to_proto
 from modelyard.server.repository import ModelRepository
 from modelyard.server.shared_memory import SharedMemoryRegistry
+from modelyard.server.tracing import enter_grpc, exit_grpc
 from modelyard.server.types import InferRequest
 
 log = logging.getLogger("modelyard.server")
@@ -74,7 +78,8 @@ SHUTTING_DOWN = "the server is shutting down; the request was not processed (ret
 
 
 def statistics_response(repo: ModelRepository, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
-    """Triton's ModelStatistics for one version, every version of a model, or every model (gRPC and REST)."""
+    """Triton's ModelStatistics for one version, every version of a model, or every model (gRPC and REST;
+    every model: those the caller may see)."""
     resp = pb.ModelStatisticsResponse()
     if name:
         if version:
@@ -85,6 +90,8 @@ def statistics_response(repo: ModelRepository, name: str = "", version: str = ""
                 resp.model_stats.append(_stats_message(versions[v]))
     else:
         for model in sorted(repo.models):
+            if not visible(model):
+                continue
             versions = repo.models[model]
             for v in sorted(versions, key=int):
                 resp.model_stats.append(_stats_message(versions[v]))
@@ -95,8 +102,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton gRPC API over a :class:`ModelRepository`."""
 
     def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool],
-                 shm: SharedMemoryRegistry | None = None) -> None:
+                 shm: SharedMemoryRegistry | None = None, guard: Guard | None = None,
+                 max_elements: int | None = None) -> None:
         self.repo = repository
+        #: the most elements an input's shape may have (the message size limit; None: int64)
+        self.max_elements = max_elements
+        #: tokens, allow lists and rate limits (None: every call is let in)
+        self.guard = guard
         self._is_ready = is_ready
         self.shm = shm if shm is not None else SharedMemoryRegistry()
         #: set during shutdown: new calls are answered UNAVAILABLE (never processed, so a balancer retries
@@ -134,7 +146,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         resp = pb.RepositoryIndexResponse()
         for e in self.repo.index(ready_only=request.ready):
-            resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+            if visible(e.name):
+                resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
         return resp
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
@@ -150,7 +163,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --------------------------------------------------------------- inference
     async def _decode(self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> InferRequest:
         pending: list[PendingInput] = []
-        req = decode_request(msg, context.time_remaining(), pending)
+        req = decode_request(msg, context.time_remaining(), pending, self.max_elements)
         if pending:
             await read_inputs(self.shm, req, pending)
         return req
@@ -174,8 +187,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         handlers: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
 
+        caller = CALLER.get()
+
         async def handle(msg: pb.ModelInferRequest) -> None:
             try:
+                if caller is not None:  # every message is a request: its model checked, its client's bucket taken
+                    caller.check_model(msg.model_name)
+                    caller.take()
                 mv = self.repo.get(msg.model_name, msg.model_version)
                 req = await self._decode(msg, context)
                 refs = output_refs(self.shm, req) if req.output_parameters else {}
@@ -247,42 +265,130 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     TraceSetting = LogSettings = _unsupported
 
 
+#: what each GRPCInferenceService call needs when a Guard is on (server/guard.py): the kind of call,
+#: the request field naming its model (checked against the token's models before the model is looked
+#: up), the admin operation it is
+RULES: dict[str, tuple[str, str, str]] = {
+    "ServerLive": (HEALTH, "", ""),
+    "ServerReady": (HEALTH, "", ""),
+    "ModelReady": (HEALTH, "name", ""),
+    "ModelMetadata": (SERVER, "name", ""),
+    "ModelConfig": (SERVER, "name", ""),
+    "ModelStatistics": (SERVER, "name", ""),
+    "ModelInfer": (SERVER, "model_name", ""),
+    "RepositoryModelLoad": (SERVER, "model_name", "load"),
+    "RepositoryModelUnload": (SERVER, "model_name", "unload"),
+    "SystemSharedMemoryRegister": (SERVER, "", "shared_memory"),
+    "SystemSharedMemoryUnregister": (SERVER, "", "shared_memory"),
+    "SystemSharedMemoryStatus": (SERVER, "", "shared_memory"),
+}
+_ANY_CALLER = (SERVER, "", "")
+
+
+def authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The ``authorization`` metadata of a call (None when absent)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: ModelyardError) -> NoReturn:
+    """End the call with the error's status and message, and its ``retry-after-ms`` trailer when it has a hint."""
+    trailers = (("retry-after-ms", str(exc.retry_after_ms)),) if exc.retry_after_ms is not None else ()
+    await context.abort(exc.code, exc.message, trailers)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def guarded(behavior: Callable[..., Any], guard: Guard | None, kind: str) -> Callable[..., Any]:
+    """A grpc.aio handler (coroutine or async generator) behind ``guard.admit`` for calls of ``kind``
+    (the services other than GRPCInferenceService: health, modelyard.Health, reflection)."""
+    if guard is None:
+        return behavior
+
+    async def admit(context: grpc.aio.ServicerContext) -> None:
+        try:
+            CALLER.set(guard.admit(authorization(context), context.peer, kind))
+        except ModelyardError as exc:
+            await abort(context, exc)
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await admit(context)
+            async for item in behavior(request, context):
+                yield item
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await admit(context)
+        return await behavior(request, context)
+
+    return call
+
+
 def _unary(cls: Any, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Parse the request bytes, call ``method``, map exceptions to status codes (the one place
-    that does): never a traceback to the client."""
+    that does): never a traceback to the client. With a Guard, the caller is authenticated and
+    rate-limited before the bytes are parsed, and its model and admin operation checked after."""
     name = cls.DESCRIPTOR.full_name
     servicer = method.__self__  # type: ignore[attr-defined]
+    kind, model_field, operation = RULES.get(method.__name__, _ANY_CALLER)
+    rpc = f"inference.GRPCInferenceService/{method.__name__}"
 
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         if servicer.refusing:
             servicer.last_arrival = time.monotonic()
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         servicer.active += 1
+        span = enter_grpc(context, rpc)  # the request id of its log lines; its span when tracing is on
+        guard = servicer.guard
         try:
-            return await method(cls.FromString(raw), context)
+            if guard is None:
+                return await method(cls.FromString(raw), context)
+            caller = guard.admit(authorization(context), context.peer, kind)
+            CALLER.set(caller)
+            request = cls.FromString(raw)
+            if caller is not None:
+                if model_field:
+                    model = getattr(request, model_field)
+                    if model:
+                        caller.check_model(model)
+                if operation:
+                    caller.check_admin(operation)
+            return await method(request, context)
         except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {name}: {exc}")
         except grpc.aio.AbortError:
             raise
         except ModelyardError as exc:
-            await context.abort(exc.code, exc.message)
+            await abort(context, exc)
         except Exception as exc:
             log.exception("%s failed", getattr(method, "__name__", name))
-            err = as_modelyard_error(exc)
-            await context.abort(err.code, err.message)
+            await abort(context, as_modelyard_error(exc))
         finally:
             servicer.active -= 1
+            exit_grpc(span, sys.exc_info()[1])
 
     return handler
 
 
 def _streaming(cls: Any, method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     servicer = method.__self__  # type: ignore[attr-defined]
+    rpc = f"inference.GRPCInferenceService/{method.__name__}"
 
     async def handler(raw_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        span = enter_grpc(context, rpc)
         if servicer.refusing:
             servicer.last_arrival = time.monotonic()
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        guard = servicer.guard
+        if guard is not None:
+            # the stream's caller: authenticated once; each message's model and bucket are checked in-band
+            try:
+                CALLER.set(guard.admit(authorization(context), context.peer, SERVER, limit=False))
+            except ModelyardError as exc:
+                await abort(context, exc)
 
         async def parsed() -> AsyncIterator[Any]:
             async for raw in raw_iterator:
@@ -299,6 +405,7 @@ def _streaming(cls: Any, method: Callable[..., AsyncIterator[Any]]) -> Callable[
                 yield item
         finally:
             servicer.active -= 1
+            exit_grpc(span, sys.exc_info()[1])
 
     return handler
 

@@ -25,8 +25,11 @@ __all__ = ["PRIORITY_PARAM", "TIMEOUT_PARAM", "conform_output", "decode_request"
 
 
 def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = None,
-                   pending: list[PendingInput] | None = None) -> InferRequest:
+                   pending: list[PendingInput] | None = None, max_elements: int | None = None) -> InferRequest:
     """Decode a ModelInferRequest; raises InvalidInput naming the tensor at fault.
+
+    A shape is checked before anything is allocated for it (:func:`~modelyard.protos.tensors.check_shape`:
+    no negative dimension, no element count past int64 or ``max_elements``, the message size limit).
 
     Inputs whose parameters name a shared memory region are appended to ``pending`` (read by
     :func:`.tensor_io.read_inputs`); without ``pending`` such a request is refused.
@@ -71,10 +74,10 @@ def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = Non
             if in_shm:
                 continue
             if raw:
-                inputs[name] = from_raw(raw[r], tensor.datatype, tensor.shape, name)
+                inputs[name] = from_raw(raw[r], tensor.datatype, tensor.shape, name, max_elements)
                 r += 1
             elif tensor.HasField("contents"):
-                inputs[name] = from_contents(tensor.contents, tensor.datatype, tensor.shape, name)
+                inputs[name] = from_contents(tensor.contents, tensor.datatype, tensor.shape, name, max_elements)
             else:
                 raise InvalidInput(f"input '{name}': no data (neither raw_input_contents, contents nor shared memory)")
     except TensorError as exc:

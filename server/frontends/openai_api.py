@@ -27,6 +27,7 @@ from aiohttp import web
 from modelyard.protos.tensors import as_bytes_array
 from modelyard.server.errors import InvalidInput, ModelNotFound
 from modelyard.server.frontends.rest_api import REPO_KEY, offload, read_json
+from modelyard.server.guard import require_model, visible
 from modelyard.server.model import ModelVersion
 from modelyard.server.repository import ModelRepository
 from modelyard.server.types import InferRequest
@@ -42,6 +43,7 @@ def _model(repo: ModelRepository, body: dict[str, Any], task: str) -> ModelVersi
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise InvalidInput("'model' is required")
+    require_model(name)
     mv = repo.get(name, "")
     if _task(mv) != task:
         raise ModelNotFound(f"model '{name}' is not a {task} model (parameters.task is {_task(mv)!r})")
@@ -250,6 +252,8 @@ async def models(request: web.Request) -> web.Response:
     repo = request.app[REPO_KEY]
     data: list[dict[str, Any]] = []
     for entry in repo.index(ready_only=True):
+        if not visible(entry.name):
+            continue
         try:
             mv = repo.get(entry.name, entry.version)
         except Exception:

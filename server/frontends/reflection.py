@@ -78,12 +78,16 @@ class Pools:
         return self._first("FindAllExtensions", message)
 
 
-def enable_reflection(server: grpc.aio.Server, services: Iterable[str], *pools: Any) -> None:
-    """Serve reflection v1 and v1alpha on ``server`` for ``services`` (both reflection services are added)."""
+def enable_reflection(server: grpc.aio.Server, services: Iterable[str], *pools: Any, guard: Any = None) -> None:
+    """Serve reflection v1 and v1alpha on ``server`` for ``services`` (both reflection services are added);
+    behind ``guard`` (:class:`modelyard.server.guard.Guard`) as a reflection call when there is one."""
+    from modelyard.server.frontends.grpc_api import guarded
+    from modelyard.server.guard import REFLECTION
+
     names = (*services, V1_SERVICE, V1ALPHA_SERVICE)
     servicer = ReflectionServicer(names, pool=Pools(*pools, v1_pool(), descriptor_pool.Default()))
     handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
+        guarded(servicer.ServerReflectionInfo, guard, REFLECTION),
         request_deserializer=v1alpha_pb2.ServerReflectionRequest.FromString,
         response_serializer=v1alpha_pb2.ServerReflectionResponse.SerializeToString,
     )

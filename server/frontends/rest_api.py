@@ -26,11 +26,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from modelyard import __version__
-from modelyard.protos.tensors import DTYPES, TensorError, as_bytes_array, element_count, from_raw, to_raw
+from modelyard.protos.tensors import DTYPES, TensorError, as_bytes_array, check_shape, from_raw, to_raw
 from modelyard.server.errors import (
     InvalidInput,
     ModelyardError,
@@ -52,10 +53,12 @@ from modelyard.server.frontends.tensor_io import (
     shm_output_parameters,
     write_outputs,
 )
+from modelyard.server.guard import CALLER, HEALTH, METRICS, SERVER, Guard, visible
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model_config import to_proto
 from modelyard.server.repository import ModelRepository
 from modelyard.server.shared_memory import SharedMemoryRegistry
+from modelyard.server.tracing import request_context
 from modelyard.server.types import InferRequest, InferResponse
 
 log = logging.getLogger("modelyard.server")
@@ -77,13 +80,23 @@ INLINE_BYTES = 256 * 1024
 ENCODINGS = ("gzip", "deflate")
 
 
-def error_json(status: int, message: str, openai: bool = False) -> web.Response:
+def error_json(status: int, message: str, openai: bool = False, headers: dict[str, str] | None = None) -> web.Response:
     """KServe's ``{"error": "..."}``; on the OpenAI-style paths OpenAI's ``{"error": {"message", ...}}``."""
     if openai:
         kind = "invalid_request_error" if status < 500 else "server_error"
         return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                                 status=status)
-    return web.json_response({"error": message}, status=status)
+                                 status=status, headers=headers)
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def error_headers(exc: ModelyardError) -> dict[str, str] | None:
+    """``Retry-After`` (whole seconds, as HTTP has it) and ``Retry-After-Ms`` for errors with a hint;
+    ``WWW-Authenticate`` for 401."""
+    if exc.retry_after_ms is not None:
+        return {"Retry-After": str(max(1, -(-exc.retry_after_ms // 1000))), "Retry-After-Ms": str(exc.retry_after_ms)}
+    if exc.http == 401:
+        return {"WWW-Authenticate": 'Bearer realm="modelyard"'}
+    return None
 
 
 @web.middleware
@@ -104,11 +117,54 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                                    "(--max-message-mb)", openai)
         return error_json(exc.status, exc.text or exc.reason, openai)
     except ModelyardError as exc:
-        return error_json(exc.http, exc.message, openai)
+        return error_json(exc.http, exc.message, openai, error_headers(exc))
     except Exception as exc:
         log.exception("HTTP %s %s failed", request.method, request.path)
         err = as_modelyard_error(exc)
         return error_json(err.http, err.message, openai)
+
+
+#: routes that are health checks (``auth.exempt: [health]`` lets them answer without a token)
+HEALTH_ROUTES = frozenset({"/v2/health/live", "/v2/health/ready", "/health", "/v2/models/{model}/ready",
+                           "/v2/models/{model}/versions/{version}/ready"})
+
+
+def rest_rule(request: web.Request) -> tuple[str, str, str]:
+    """(kind of call, model it names, admin operation) of a routed request (server/guard.py)."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else ""
+    model = request.match_info.get("model", "")
+    if route in HEALTH_ROUTES:
+        return HEALTH, model, ""
+    if route == "/metrics":
+        return METRICS, "", ""
+    if route.startswith("/v2/repository/models/"):
+        return SERVER, model, "unload" if route.endswith("/unload") else "load"
+    if route.startswith("/v2/systemsharedmemory"):
+        return SERVER, "", "shared_memory"
+    return SERVER, model, ""
+
+
+def guard_middleware(guard: Guard) -> Middleware:
+    """Authenticate, rate-limit and authorize each request before its body is read (server/guard.py);
+    the OpenAI routes check their model once they have read it (``guard.require_model``)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        kind, model, operation = rest_rule(request)
+        caller = guard.admit(request.headers.get("Authorization"), lambda: request.remote or "", kind)
+        reset = CALLER.set(caller)
+        try:
+            if caller is not None:
+                if model:
+                    caller.check_model(model)
+                if operation:
+                    caller.check_admin(operation)
+            return await handler(request)
+        finally:
+            CALLER.reset(reset)
+
+    return middleware
 
 
 async def offload(big: bool, fn: Callable[..., T], *args: Any) -> T:
@@ -156,6 +212,8 @@ def parse_json(data: bytes | memoryview, what: str = "request body") -> dict[str
         body = json.loads(bytes(data))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(f"{what} nests arrays or objects too deeply") from None
     if not isinstance(body, dict):
         raise InvalidInput(f"{what} must be a JSON object")
     return body
@@ -219,7 +277,7 @@ async def respond_json(request: web.Request, doc: Any, status: int = 200) -> web
 # ---------------------------------------------------------------------- tensors
 
 
-def json_to_array(entry: dict[str, Any], index: int) -> tuple[str, np.ndarray]:
+def json_to_array(entry: dict[str, Any], index: int, max_elements: int | None = None) -> tuple[str, np.ndarray]:
     """A KServe v2 JSON input tensor -> (name, array); InvalidInput on anything malformed."""
     if not isinstance(entry, dict):
         raise InvalidInput(f"inputs[{index}] must be an object with name, shape, datatype, data")
@@ -230,11 +288,15 @@ def json_to_array(entry: dict[str, Any], index: int) -> tuple[str, np.ndarray]:
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"inputs[{index}].name is required")
     check_tensor_header(name, datatype, shape)
+    try:
+        count = check_shape(shape, name, max_elements)
+    except TensorError as exc:
+        raise InvalidInput(str(exc)) from None
     if data is None:
         raise InvalidInput(f"input '{name}': data is required (or parameters binary_data_size / shared_memory_region)")
     flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else np.asarray([data], dtype=object)
-    if flat.size != element_count(shape):
-        raise InvalidInput(f"input '{name}': shape {shape} needs {element_count(shape)} elements, got {flat.size}")
+    if flat.size != count:
+        raise InvalidInput(f"input '{name}': shape {shape} needs {count} elements, got {flat.size}")
     if datatype == "BYTES":
         return name, as_bytes_array([str(x) if not isinstance(x, bytes | str) else x for x in flat], shape)
     try:
@@ -289,8 +351,10 @@ def _binary_size(params: dict[str, Any], name: str) -> int | None:
     return size
 
 
-def decode_infer(body: bytes, header: str | None, model: str, version: str) -> DecodedInfer:
-    """A KServe v2 inference request, JSON or JSON + binary tensors (pure: runs in a worker thread when big)."""
+def decode_infer(body: bytes, header: str | None, model: str, version: str,
+                 max_elements: int | None = None) -> DecodedInfer:
+    """A KServe v2 inference request, JSON or JSON + binary tensors (pure: runs in a worker thread when big).
+    Shapes are checked against ``max_elements`` (the body size limit) before anything is allocated."""
     n = header_length(header, len(body))
     view = memoryview(body)
     doc = parse_json(view if n is None else view[:n], "request body" if n is None else "inference header")
@@ -312,7 +376,7 @@ def decode_infer(body: bytes, header: str | None, model: str, version: str) -> D
             size = _binary_size(params, str(name)) if params else None
             ref = shm_input(str(name), entry.get("datatype"), entry.get("shape"), params) if params else None
             if size is None and ref is None:
-                name, arr = json_to_array(entry, i)
+                name, arr = json_to_array(entry, i, max_elements)
                 inputs[name] = arr
                 continue
             if not isinstance(name, str) or not name:
@@ -329,7 +393,7 @@ def decode_infer(body: bytes, header: str | None, model: str, version: str) -> D
             if pos + size > len(binary):
                 raise InvalidInput(f"input '{name}': binary_data_size {size} is past the end of the binary data "
                                    f"({len(binary) - pos} bytes left after the {INFERENCE_HEADER} header)")
-            inputs[name] = from_raw(binary[pos:pos + size], entry["datatype"], entry["shape"], name)
+            inputs[name] = from_raw(binary[pos:pos + size], entry["datatype"], entry["shape"], name, max_elements)
             pos += size
     except TensorError as exc:
         raise InvalidInput(str(exc)) from None
@@ -437,9 +501,14 @@ def _proto_scalar(fd: FieldDescriptor, value: Any) -> Any:
 
 
 def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Callable[[], bool], max_body: int,
-              shm: SharedMemoryRegistry | None = None) -> web.Application:
-    """The REST application; extra routes (OpenAI adapters, /health...) may be added by the caller."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body)
+              shm: SharedMemoryRegistry | None = None, guard: Guard | None = None) -> web.Application:
+    """The REST application; extra routes (OpenAI adapters, /health...) may be added by the caller.
+    With ``guard``, every request is authenticated, rate-limited and authorized (server/guard.py)."""
+    # request_context first: the request id (and span) cover the error mapping's log lines too
+    middlewares: list[Middleware] = [request_context, errors_middleware]
+    if guard is not None:
+        middlewares.append(guard_middleware(guard))
+    app = web.Application(middlewares=middlewares, client_max_size=max_body)
     app[REPO_KEY] = repository
     app[METRICS_KEY] = metrics
     app[READY_KEY] = is_ready
@@ -480,7 +549,7 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
         mv = repo.get(request.match_info["model"], _version(request))
         body = await read_body(request)
         decoded = await offload(len(body) > INLINE_BYTES, decode_infer, body,
-                                request.headers.get(INFERENCE_HEADER), mv.name, mv.version)
+                                request.headers.get(INFERENCE_HEADER), mv.name, mv.version, max_body)
         req = decoded.request
         if decoded.pending:
             await read_inputs(registry, req, decoded.pending)
@@ -497,13 +566,14 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
     async def models(request: web.Request) -> web.Response:
         return await respond_json(request, {"models": [
             {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason} for e in repo.index()
+            if visible(e.name)
         ]})
 
     async def repo_index(request: web.Request) -> web.Response:
         body = await read_json(request, empty_ok=True)
         return await respond_json(request, [
             {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
-            for e in repo.index(ready_only=bool(body.get("ready", False)))
+            for e in repo.index(ready_only=bool(body.get("ready", False))) if visible(e.name)
         ])
 
     async def repo_load(request: web.Request) -> web.Response:
