@@ -21,6 +21,7 @@ import random
 import threading
 from typing import Any
 
+from modelyard import tracing
 from modelyard.balancer.admin import build_admin_app
 from modelyard.balancer.config import BalancerConfig, config_to_dict
 from modelyard.balancer.discovery import DnsSource, FileSource
@@ -93,6 +94,8 @@ class Balancer:
 
     async def start(self) -> None:
         """Load membership, start serving, checks and admin."""
+        if self.role != "control":  # the data plane traces (imports OpenTelemetry only when enabled)
+            tracing.setup(self.cfg.tracing, "modelyard-balancer")
         if self.role != "worker":
             for name, pool in self.pools.items():
                 ep = pool.config.endpoints
@@ -304,6 +307,8 @@ class Balancer:
         for pool in self.pools.values():
             await pool.close()
         await self._probe.close()
+        if self.role != "control" and self.cfg.tracing.enabled:
+            await asyncio.to_thread(tracing.shutdown)  # the last spans are exported
 
 
 def worker_main(cfg: BalancerConfig, conn: multiprocessing.connection.Connection, index: int) -> None:
