@@ -61,7 +61,7 @@ def test_the_sync_client_balances_by_itself_and_follows_a_drain(plane: Any) -> N
         before = identity_requests(replicas[0])
         while time.monotonic() < deadline:  # the drain reaches the client over xDS
             client.infer("identity", {"INPUT0": x})
-            if client._channel.resolver.pool.endpoints[replicas[0].grpc_url].draining:  # noqa: SLF001
+            if client._channel.resolver.pool.endpoints[replicas[0].grpc_url].draining:
                 break
         before = identity_requests(replicas[0])
         for _ in range(100):
