@@ -63,7 +63,7 @@ def run_h2load(port: int, path: str, frame_file: Path, clients: int, requests: i
                duration: float | None = None, streams: int = 1, threads: int = 1,
                warmup: float | None = None, timeout: float = 120.0,
                log_file: Path | None = None, rps: int | None = None,
-               stagger: bool = False) -> dict[str, Any]:
+               stagger: bool = False, headers: tuple[str, ...] = (), tls: bool = False) -> dict[str, Any]:
     """Drive ``POST path`` over h2c with a pre-framed gRPC body; parse the summary.
 
     Each client is one HTTP/2 connection with ``streams`` concurrent streams (``-m``).
@@ -73,9 +73,13 @@ def run_h2load(port: int, path: str, frame_file: Path, clients: int, requests: i
     ``stagger`` opens one connection every ``1 / (clients * rps)`` s instead (``-r 1 --rate-period``),
     which spreads the same load evenly, as independent clients would.
     With ``log_file``, h2load logs every request; p50/p90/p99/p99.9 and the samples (``latencies_ms``) are added.
+    ``headers`` are extra ``name: value`` request headers (e.g. ``authorization: Bearer ...``); ``tls`` drives
+    ``https://`` (h2 negotiated with ALPN; h2load does not verify the certificate).
     """
     args = ["h2load", "-c", str(clients), "-m", str(streams), "-t", str(min(threads, clients)),
             "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    for header in headers:
+        args += ["-H", header]
     if duration is not None:
         # h2load takes whole seconds or a unit suffix
         args += ["-D", f"{int(duration * 1000)}ms"]
@@ -90,7 +94,7 @@ def run_h2load(port: int, path: str, frame_file: Path, clients: int, requests: i
             args += ["-r", "1", f"--rate-period={max(1, round(1000 / (clients * rps)))}ms"]
     if log_file is not None:
         args.append(f"--log-file={log_file}")
-    args.append(f"http://127.0.0.1:{port}{path}")
+    args.append(f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}")
     out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     res = parse_h2load(out.stdout)
     if log_file is not None and log_file.exists():
