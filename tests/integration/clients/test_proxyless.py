@@ -47,7 +47,8 @@ def plane() -> Iterator[tuple[list[ServerProcess], BalancerProcess]]:
 def test_the_sync_client_balances_by_itself_and_follows_a_drain(plane: Any) -> None:
     replicas, balancer = plane
     x = np.arange(4, dtype=np.int32)
-    url = f"xds://{balancer.endpoints.fields['xds']}/text"
+    # round robin: the spread below is then certain (least_latency may rightly favour one replica)
+    url = f"xds://{balancer.endpoints.fields['xds']}/text?picker=round_robin"
     with InferenceClient(url) as client:
         for _ in range(150):
             np.testing.assert_array_equal(client.infer("identity", {"INPUT0": x}).as_numpy("OUTPUT0"), x)
@@ -57,12 +58,11 @@ def test_the_sync_client_balances_by_itself_and_follows_a_drain(plane: Any) -> N
                                      data=json.dumps({"pool": "text", "address": replicas[0].grpc_url}).encode(),
                                      headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=5).read()
-        deadline = time.monotonic() + 10
-        before = identity_requests(replicas[0])
-        while time.monotonic() < deadline:  # the drain reaches the client over xDS
+        deadline = time.monotonic() + 20
+        drained = client._channel.resolver.pool.endpoints[replicas[0].grpc_url]
+        while not drained.draining:  # the drain reaches the client over xDS
+            assert time.monotonic() < deadline, "the drain did not reach the client"
             client.infer("identity", {"INPUT0": x})
-            if client._channel.resolver.pool.endpoints[replicas[0].grpc_url].draining:
-                break
         before = identity_requests(replicas[0])
         for _ in range(100):
             client.infer("identity", {"INPUT0": x})
