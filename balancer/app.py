@@ -28,6 +28,7 @@ from modelyard.balancer.discovery import DnsSource, FileSource
 from modelyard.balancer.grpcwire import default_idempotent_methods, default_unary_methods
 from modelyard.balancer.h2.connection import Flusher
 from modelyard.balancer.health import GrpcHealthProbe, HealthChecker
+from modelyard.balancer.heap import trim_heap_forever
 from modelyard.balancer.metrics import BalancerCollector, Stats, make_registry, merge_dumps
 from modelyard.balancer.pool import Pool
 from modelyard.balancer.proxy import Proxy
@@ -142,6 +143,8 @@ class Balancer:
                 self.ports.append(await self.proxy.listen(lst.address, reuse_port=reuseport))
             except OSError as exc:
                 raise OSError(f"cannot listen on {lst.address}: {exc.strerror or exc}") from exc
+        # RSS comes back after a flood of big requests (limits.heap_trim_interval)
+        self._tasks.append(asyncio.ensure_future(trim_heap_forever(self.cfg.limits.heap_trim_interval)))
         if self.rest is not None:
             for rl in self.cfg.rest.listeners:
                 try:

@@ -169,8 +169,10 @@ class Call:
         if self.retryable:
             down = self.down
             n = len(data)
-            down.conn.consumed(down, n)
-            if self.buffered_bytes <= RETRY_BUFFER_BYTES and down.conn.hold_retry(n):
+            conn = down.conn
+            conn.consumed(down, n)
+            if self.buffered_bytes <= RETRY_BUFFER_BYTES and conn.retry_held + n <= conn.conn_window:
+                conn.retry_held += n  # the connection's retry budget
                 self.retry_held += n
             else:  # too big to keep (for the call, or its connection's budget): sent once, credited on send
                 self.retryable = False
@@ -181,12 +183,6 @@ class Call:
                             a.stream.source = down
         if self.resolve is not None:
             self.proxy.try_route(self)
-
-    def release_retry(self) -> None:
-        """The call is over: give back what it counted in its connection's retry budget."""
-        if self.retry_held:
-            self.down.conn.release_retry(self.retry_held)
-            self.retry_held = 0
 
     def on_failed(self, reason: str) -> None:
         """The client went away or reset its stream: cancel every attempt."""
@@ -315,8 +311,14 @@ class Call:
             return
         self.state = State.DONE
         self.buffered = None
-        self.release_retry()
+        held = self.retry_held
+        if held:  # what it counted in its connection's retry budget comes back
+            self.down.conn.retry_held -= held
+            self.retry_held = 0
         self.resolve = None
+        # no cycle outlives the call (Call <-> winning Attempt): refcounting frees it, and the request
+        # it holds, at once instead of at the next full garbage collection
+        self.winner = None
         if self.trace is not None:
             self.trace.end(**{"modelyard.pool": self.pool.name if self.pool else None, "modelyard.tries": self.tries})
         if self.timer is not None:

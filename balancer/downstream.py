@@ -19,6 +19,7 @@ from modelyard.balancer.h2.connection import (
     PROTOCOL_ERROR,
     REFUSED_STREAM,
     S_MAX_CONCURRENT_STREAMS,
+    SETTINGS_TIMEOUT,
     H2Connection,
     H2ProtocolError,
     Stream,
@@ -31,7 +32,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelyard.balancer.h2")
 
 #: advertised before the limits are known (the class attribute); each connection advertises its limit
-MAX_CONCURRENT_STREAMS = 256
+MAX_CONCURRENT_STREAMS = 100
+
+
+class _Opening:
+    """The handler of a stream opened in this turn by a client that already reset a stream early: its
+    call starts when the turn ends, with the events collected meanwhile, so a stream the client resets
+    in the same read (rapid reset, CVE-2023-44487) never reaches a backend. Clients that never did pay
+    nothing for it."""
+
+    __slots__ = ("end", "events", "failed", "headers")
+
+    def __init__(self, headers: Headers, end: bool) -> None:
+        self.headers = headers
+        self.end = end
+        self.events: list[tuple[bytes, bool]] = []
+        self.failed = False
+
+    def on_headers(self, headers: Headers, end: bool) -> None:
+        if end:
+            self.events.append((b"", True))
+
+    def on_data(self, data: bytes, end: bool) -> None:
+        self.events.append((data, end))
+
+    def on_failed(self, reason: str) -> None:
+        self.failed = True
 
 
 class DownstreamConnection(H2Connection):
@@ -58,6 +84,10 @@ class DownstreamConnection(H2Connection):
         #: the preface timer until the client's SETTINGS arrive, then the idle check
         self._timer: asyncio.TimerHandle | None = None
         self._settled = False
+        #: streams opened in the current turn, their calls not started yet (see _Opening); from the first
+        #: early reset on, every new stream of the connection waits for the end of its turn
+        self._opening: list[Stream] = []
+        self._defer = False
         self._idle_mark = -1
         self._idle_was_empty = False
 
@@ -82,6 +112,7 @@ class DownstreamConnection(H2Connection):
             self._timer = None
         self.proxy.connections.discard(self)
         self._drop_streams("the client connection closed")
+        self.transport = None  # no cycle with the transport: freed at once, caches and all
 
     def on_connection_failed(self, reason: str) -> None:
         self._drop_streams(f"the client connection failed: {reason}")
@@ -96,20 +127,25 @@ class DownstreamConnection(H2Connection):
     # ------------------------------------------------------------------ timers
 
     def _no_preface(self) -> None:
+        """``preface_timeout`` after the connection opened: the preface and SETTINGS must have come, and the
+        ACK of ours; then the same timer checks for idleness (one timer per connection, none per stream)."""
         self._timer = None
-        if not self.closed:
-            t = self.limits.preface_timeout
+        if self.closed:
+            return
+        t = self.limits.preface_timeout
+        if not self._settled:
             log.debug("client sent no HTTP/2 preface and SETTINGS within %g s", t)
             self._fail_connection(PROTOCOL_ERROR, f"no HTTP/2 preface and SETTINGS within {t:g} s")
+            return
+        if not self.settings_acked:  # RFC 9113 6.5.3; until it does, it may exceed our stream limit
+            log.debug("client did not acknowledge our SETTINGS within %g s", t)
+            self._fail_connection(SETTINGS_TIMEOUT, f"SETTINGS not acknowledged within {t:g} s")
+            return
+        if self.limits.idle_timeout:
+            self._idle_check()
 
     def on_settings(self) -> None:
-        if self._settled:
-            return
         self._settled = True
-        if self._timer is not None:
-            self._timer.cancel()
-        t = self.limits.idle_timeout
-        self._timer = asyncio.get_running_loop().call_later(t, self._idle_check) if t else None
 
     def _idle_check(self) -> None:
         """Every ``idle_timeout``: GOAWAY once no stream was open since the previous check."""
@@ -137,6 +173,8 @@ class DownstreamConnection(H2Connection):
     def _receive(self, data: bytes) -> None:
         if self._preface_done:
             super()._receive(data)
+            if self._opening:
+                self._open_calls()
             return
         have = self._preface + data
         if len(have) < len(PREFACE):
@@ -152,12 +190,31 @@ class DownstreamConnection(H2Connection):
         data = have[len(PREFACE):]
         if data:
             super()._receive(data)
+            if self._opening:
+                self._open_calls()
+
+    def _open_calls(self) -> None:
+        """The turn is over: start the calls of the streams it opened that are still open."""
+        opening, self._opening = self._opening, []
+        new_call = self.proxy.new_call
+        for st in opening:
+            h = st.handler
+            if not isinstance(h, _Opening) or h.failed:
+                continue  # reset (by the client, or by us for its error) before its call started
+            st.handler = None
+            new_call(st, h.headers, h.end)
+            for data, end in h.events:
+                handler = st.handler
+                if handler is None:
+                    break  # answered at once (not gRPC, no route...): the rest goes nowhere
+                handler.on_data(data, end)
 
     def _idle(self, sid: int) -> bool:
         return not sid & 1 or sid > self.last_peer_stream
 
     def _bad_stream(self) -> None:
         """A stream reset early, refused or reset for the client's error: a rapid-reset flood ends here."""
+        self._defer = True
         self.early_resets = n = self.early_resets + 1
         lim = self.limits
         if n >= lim.reset_limit and n >= lim.reset_ratio * self.streams_opened:
@@ -197,10 +254,16 @@ class DownstreamConnection(H2Connection):
             self.reset(st, REFUSED_STREAM)
             return
         if len(self.streams) > self.max_streams:  # over what we advertised
-            self.reset(st, REFUSED_STREAM)
+            if self.settings_acked:  # it knew (RFC 9113 5.1.2; what nghttp2 does)
+                raise H2ProtocolError(PROTOCOL_ERROR, f"over the {self.max_streams} concurrent streams allowed")
+            self.reset(st, REFUSED_STREAM)  # it may not have seen our SETTINGS yet
             self._bad_stream()
             return
-        self.proxy.new_call(st, headers, end_stream)
+        if self._defer:
+            st.handler = _Opening(headers, end_stream)
+            self._opening.append(st)
+        else:
+            self.proxy.new_call(st, headers, end_stream)
 
     def on_data(self, st: Stream, data: bytes, end_stream: bool) -> None:
         handler = st.handler
@@ -212,18 +275,16 @@ class DownstreamConnection(H2Connection):
     def on_reset(self, st: Stream, code: int) -> None:
         handler = st.handler
         if handler is not None:
-            start: float | None = getattr(handler, "start", None)
             handler.on_failed(f"the client reset the stream (HTTP/2 error {code})")
-            if start is not None and self.proxy.clock.now() - start < self.limits.reset_min_age:
-                self._bad_stream()
+            if isinstance(handler, _Opening):
+                self._bad_stream()  # reset in the read that opened it
+            else:
+                start: float | None = getattr(handler, "start", None)
+                if start is not None and self.proxy.clock.now() - start < self.limits.reset_min_age:
+                    self._bad_stream()
 
     def on_stream_error(self, st: Stream) -> None:
         self._bad_stream()
-
-    def _local_close(self, st: Stream) -> None:
-        super()._local_close(st)
-        if not st.remote_closed and st.handler is None and st.id in self.streams:
-            self.reset(st, NO_ERROR)  # answered, and the call is over: the client may stop sending (RFC 9113 8.1)
 
     def stream_closed(self, st: Stream) -> None:
         st.handler = None

@@ -23,8 +23,9 @@ class LimitsConfig:
 
     #: client connections open at once; a connection over it gets GOAWAY ENHANCE_YOUR_CALM and is closed
     max_connections: int = 4096
-    #: streams one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS); more are refused (REFUSED_STREAM)
-    max_concurrent_streams: int = 256
+    #: streams one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS); more are refused (REFUSED_STREAM);
+    #: gRPC clients queue calls beyond it (nghttp2's default, and Envoy's advice for untrusted clients)
+    max_concurrent_streams: int = 100
     #: early resets (streams the client reset within ``reset_min_age`` s of opening them, streams refused
     #: or reset for its errors): the connection gets GOAWAY ENHANCE_YOUR_CALM once they number at least
     #: ``reset_limit`` and at least ``reset_ratio`` of the streams it opened (Envoy's premature-reset rule)
@@ -51,13 +52,16 @@ class LimitsConfig:
     #: a connection's receive window: the most request bytes of one connection not yet written upstream,
     #: and separately the most kept for retries (beyond it a unary call is sent once, not retried)
     connection_buffer_bytes: int = 16 << 20
-    #: seconds a new connection has to send the HTTP/2 preface and its SETTINGS
+    #: seconds a new connection has to send the HTTP/2 preface and its SETTINGS, and to acknowledge ours
     preface_timeout: float = 10.0
     #: a connection without an open stream for this many seconds gets GOAWAY NO_ERROR and is closed
     #: (detected within 1-2x this time); 0 disables
     idle_timeout: float = 300.0
     #: frames of one connection processed in a row before other connections get a turn (fairness)
     frames_per_read: int = 128
+    #: every this many seconds, freed memory goes back to the OS if RSS grew by 32 MiB (glibc's
+    #: malloc_trim; after a flood of big requests RSS would otherwise stay at its peak); 0 disables
+    heap_trim_interval: float = 5.0
 
     def validate(self, check: Check) -> None:
         for k in ("max_connections", "max_concurrent_streams", "reset_limit", "max_control_frames",
@@ -76,6 +80,7 @@ class LimitsConfig:
               f"must be within 65535..{MAX_WINDOW} (an HTTP/2 window)")
         check(self.preface_timeout > 0, "preface_timeout", "must be > 0")
         check(self.idle_timeout >= 0, "idle_timeout", "must be >= 0 (0 disables)")
+        check(self.heap_trim_interval >= 0, "heap_trim_interval", "must be >= 0 (0 disables)")
 
 
 DEFAULT_LIMITS = LimitsConfig()

@@ -62,6 +62,8 @@ _BLOCK_SLACK = 16
 #: seconds a connection closed for an error may take to flush its GOAWAY before it is aborted
 CLOSE_GRACE = 3.0
 _UNLIMITED = 1 << 62
+#: the SETTINGS and WINDOW_UPDATE that open a connection, per (settings, window): built once
+_OPEN_FRAMES: dict[tuple[tuple[tuple[int, int], ...], int], bytes] = {}
 
 _HDR = struct.Struct(">BHBBI")
 _U32 = struct.Struct(">I")
@@ -227,14 +229,16 @@ class H2Connection(asyncio.Protocol):
         self._max_cont = lim.max_continuation_frames
         self._max_empty = lim.max_empty_frames
         self._empty = 0
-        #: the first frame from the peer must be SETTINGS (RFC 9113 3.4)
+        #: the first frame from the peer must be SETTINGS (RFC 9113 3.4); and it acknowledged ours
         self._need_settings = True
+        self.settings_acked = False
         guarded = self.guarded
         self.frames_per_read = lim.frames_per_read if guarded else _UNLIMITED
         self.max_control = lim.max_control_frames if guarded else _UNLIMITED
         #: control frames (PING/SETTINGS ACKs, RST_STREAM) written since the write buffer was last empty
         self._ctl = 0
-        #: request bytes kept for retries by this connection's calls (bounded by connection_buffer_bytes)
+        #: request bytes kept for retries by this connection's calls, at most ``conn_window``
+        #: (limits.connection_buffer_bytes); beyond it a call is sent once (kept by balancer.call.Call)
         self.retry_held = 0
         self._blocked: dict[Stream, None] = {}
         self.closed = False
@@ -252,10 +256,14 @@ class H2Connection(asyncio.Protocol):
         self._table_update = True
 
     def _open_frames(self) -> bytes:
-        out = settings_frame(self.local_settings)
-        if self.conn_window > DEFAULT_WINDOW:
-            out += window_update(0, self.conn_window - DEFAULT_WINDOW)
-        else:
+        key = (tuple(self.local_settings.items()), self.conn_window)
+        out = _OPEN_FRAMES.get(key)
+        if out is None:
+            out = settings_frame(self.local_settings)
+            if self.conn_window > DEFAULT_WINDOW:
+                out += window_update(0, self.conn_window - DEFAULT_WINDOW)
+            _OPEN_FRAMES[key] = out
+        if self.conn_window <= DEFAULT_WINDOW:
             self.recv_window = DEFAULT_WINDOW
         return out
 
@@ -269,12 +277,13 @@ class H2Connection(asyncio.Protocol):
     def flush(self) -> None:
         if not self._wbuf or self.transport is None:
             return  # still connecting: connection_made flushes
-        if self._ctl > self.max_control and not self.closed:
+        ctl = self._ctl
+        if ctl and ctl > self.max_control and not self.closed:
             self._fail_connection(ENHANCE_YOUR_CALM, f"over {self.max_control} control frames queued")
             return
         if not self.closed:
             self.transport.write(b"".join(self._wbuf) if len(self._wbuf) > 1 else self._wbuf[0])
-            if self._ctl and not self.transport.get_write_buffer_size():
+            if ctl and not self.transport.get_write_buffer_size():
                 self._ctl = 0  # the peer reads: nothing is queued
         self._wbuf.clear()
 
@@ -416,13 +425,18 @@ class H2Connection(asyncio.Protocol):
         if self.closed:
             return
         held = st.recv_held
-        if held:  # client connections: the connection window comes back as bytes leave
+        if held:  # client connections: the connection window comes back as bytes leave (_credit, inlined)
             if n < held:
                 st.recv_held = held - n
-                self._credit(n)
+                u = self.recv_unacked + n
             else:
                 st.recv_held = 0
-                self._credit(held)
+                u = self.recv_unacked + held
+            if u >= self._conn_threshold:
+                self.recv_window += u
+                self.write(window_update(0, u))
+                u = 0
+            self.recv_unacked = u
         if st.remote_closed:
             return
         u = st.recv_unacked + n
@@ -449,22 +463,13 @@ class H2Connection(asyncio.Protocol):
             if not self.closed:
                 self._credit(held)
 
-    def hold_retry(self, n: int) -> bool:
-        """A call of this connection keeps ``n`` more request bytes for a retry, if the connection's budget allows."""
-        if self.retry_held + n > self.conn_window:
-            return False
-        self.retry_held += n
-        return True
-
-    def release_retry(self, n: int) -> None:
-        self.retry_held -= n
-
     def forget(self, st: Stream) -> None:
         """``st`` is over: drop what it still had queued (it must never reach the wire)."""
         st.local_closed = st.remote_closed = True
         st.pending = None
         self._blocked.pop(st, None)
-        self._release(st)
+        if st.recv_held:
+            self._release(st)
 
     def reset(self, st: Stream, code: int) -> None:
         """RST_STREAM ``st`` and forget it."""
@@ -486,16 +491,22 @@ class H2Connection(asyncio.Protocol):
 
     def _local_close(self, st: Stream) -> None:
         st.local_closed = True
-        if st.remote_closed and self.streams.pop(st.id, None) is not None:
-            self._blocked.pop(st, None)
-            self._release(st)
-            self.stream_closed(st)
+        if st.remote_closed:
+            if self.streams.pop(st.id, None) is not None:
+                self._blocked.pop(st, None)
+                if st.recv_held:
+                    self._release(st)
+                self.stream_closed(st)
+        elif st.handler is None and self.guarded and st.id in self.streams:
+            # answered, and its call is over: the client may stop sending (RFC 9113 8.1)
+            self.reset(st, NO_ERROR)
 
     def _remote_close(self, st: Stream) -> None:
         st.remote_closed = True
         if st.local_closed and self.streams.pop(st.id, None) is not None:
             self._blocked.pop(st, None)
-            self._release(st)
+            if st.recv_held:
+                self._release(st)
             self.stream_closed(st)
 
     def send_goaway(self, code: int = NO_ERROR, message: str = "") -> None:
@@ -599,16 +610,19 @@ class H2Connection(asyncio.Protocol):
             if self._cont is not None and ftype != CONTINUATION:
                 raise H2ProtocolError(PROTOCOL_ERROR, "expected CONTINUATION")
             if ftype == DATA:
-                if not sid:
-                    raise H2ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
                 w = self.recv_window - length
                 if w < 0:
                     raise H2ProtocolError(FLOW_CONTROL_ERROR, f"DATA of {length} bytes over the connection "
                                                               f"window ({self.recv_window})")
-                self.recv_window = w
                 receipt = self.credit_on_receipt
-                if receipt:
-                    self._credit(length)
+                if receipt:  # _credit, inlined: every DATA frame of an upstream
+                    u = self.recv_unacked + length
+                    if u >= self._conn_threshold:
+                        w += u
+                        self.write(window_update(0, u))
+                        u = 0
+                    self.recv_unacked = u
+                self.recv_window = w
                 st = streams.get(sid)
                 if st is None or st.remote_closed:
                     self._data_not_expected(sid, st, length)
@@ -628,19 +642,18 @@ class H2Connection(asyncio.Protocol):
                         raise H2ProtocolError(PROTOCOL_ERROR, "padding longer than the frame")
                     payload = payload[1:len(payload) - payload[0]]
                     self.consumed(st, length - len(payload))  # padding is never forwarded: give it back now
-                if payload:
+                if not payload:
+                    if not flags & END_STREAM:
+                        self._empty_frame()
+                elif self._empty:
                     self._empty = 0
-                elif not flags & END_STREAM:
-                    self._empty_frame()
                 if flags & END_STREAM:
                     st.remote_closed = True
                     self.on_data(st, payload, True)
                     self._remote_close(st)
                 else:
                     self.on_data(st, payload, False)
-            elif ftype == HEADERS:
-                if not sid:
-                    raise H2ProtocolError(PROTOCOL_ERROR, "HEADERS on stream 0")
+            elif ftype == HEADERS:  # stream 0: on_headers refuses it
                 if flags & PADDED:
                     if not payload or payload[0] >= length:
                         raise H2ProtocolError(PROTOCOL_ERROR, "padding longer than the frame")
@@ -649,10 +662,11 @@ class H2Connection(asyncio.Protocol):
                     if len(payload) < 5:
                         raise H2ProtocolError(FRAME_SIZE_ERROR, "HEADERS too short for its priority fields")
                     payload = payload[5:]
-                if payload:
+                if not payload:
+                    if not flags & END_STREAM:
+                        self._empty_frame()
+                elif self._empty:
                     self._empty = 0
-                elif not flags & END_STREAM:
-                    self._empty_frame()
                 if not flags & END_HEADERS:
                     self._cont = bytearray(payload)
                     self._cont_sid = sid
@@ -708,6 +722,7 @@ class H2Connection(asyncio.Protocol):
                 if flags & ACK:
                     if length:
                         raise H2ProtocolError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+                    self.settings_acked = True
                 else:
                     self._settings(payload)
             elif ftype == PING:
@@ -753,6 +768,8 @@ class H2Connection(asyncio.Protocol):
 
     def _data_not_expected(self, sid: int, st: Stream | None, length: int) -> None:
         """DATA on a stream that is not open for it: the connection window still counts it."""
+        if not sid:
+            raise H2ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
         if not self.credit_on_receipt:
             self._credit(length)
         if st is not None:  # half-closed (remote): the peer already ended it

@@ -448,4 +448,30 @@ def test_limits_are_validated_with_their_paths() -> None:
     for path in ("limits.max_concurrent_streams", "limits.stream_buffer_bytes", "limits.reset_ratio",
                  "limits.idle_timeout"):
         assert path in errors
-    assert config_from_dict({"pools": {"p": {}}}).limits.max_concurrent_streams == 256
+    assert config_from_dict({"pools": {"p": {}}}).limits.max_concurrent_streams == 100
+
+
+async def test_the_heap_is_trimmed_when_much_was_freed_and_not_again_for_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelyard.balancer import heap
+
+    free = {"bytes": 0}
+    trims: list[int] = []
+    monkeypatch.setattr(heap, "_glibc", lambda: (lambda: free["bytes"], lambda: trims.append(free["bytes"])))
+    monkeypatch.setattr(heap, "rss_bytes", lambda: 100 << 20)
+    task = asyncio.ensure_future(heap.trim_heap_forever(0.01, threshold=32 << 20))
+    try:
+        async def ticks(n: int) -> None:
+            for _ in range(n):
+                await asyncio.sleep(0.012)
+
+        await ticks(3)
+        assert not trims  # nothing free
+        free["bytes"] = 200 << 20  # a burst ended
+        await ticks(3)
+        assert trims == [200 << 20]  # trimmed once; trimmed pages still count as free: not again
+        free["bytes"] = 250 << 20  # +50 MiB freed since
+        await ticks(3)
+        assert trims == [200 << 20, 250 << 20]
+    finally:
+        task.cancel()
