@@ -13,6 +13,11 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,dev,demo]'
+	@# xds-protos ships its own, older opentelemetry/proto/* files; when pip unpacks it after opentelemetry-proto
+	@# the OTLP exporter cannot import (InstrumentationScope missing). Put opentelemetry-proto's files back.
+	@$(BIN)/python -c 'from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope' 2>/dev/null \
+	  || $(BIN)/pip install -q --force-reinstall --no-deps \
+	       "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $@
 
 venv install: $(STAMP)
