@@ -26,6 +26,7 @@ from modelyard.balancer.admin import build_admin_app
 from modelyard.balancer.config import BalancerConfig, config_to_dict
 from modelyard.balancer.discovery import DnsSource, FileSource
 from modelyard.balancer.grpcwire import default_idempotent_methods, default_unary_methods
+from modelyard.balancer.guard import StatsCounter
 from modelyard.balancer.h2.connection import Flusher
 from modelyard.balancer.health import GrpcHealthProbe, HealthChecker
 from modelyard.balancer.heap import trim_heap_forever
@@ -36,6 +37,8 @@ from modelyard.balancer.rest.proxy import RestProxy, http_upstream_factory
 from modelyard.balancer.routing import Router
 from modelyard.balancer.upstream import Upstream
 from modelyard.clock import MONOTONIC, Clock
+from modelyard.security.guard import Guard
+from modelyard.security.tls import TlsFiles, upstream_grpc_credentials, upstream_ssl_context
 
 log = logging.getLogger("modelyard.balancer")
 
@@ -58,10 +61,13 @@ class Balancer:
         #: one write-coalescing flusher for every connection of this process
         self.flusher = Flusher()
         for name, pcfg in cfg.pools.items():
-            factory = (lambda a, p=pcfg: Upstream(a, p.channels_per_endpoint, self.flusher, p.connect_timeout)) \
+            h2_tls = upstream_ssl_context(pcfg.tls, ["h2"]) if serves else None
+            factory = (lambda a, p=pcfg, t=h2_tls: Upstream(a, p.channels_per_endpoint, self.flusher,
+                                                            p.connect_timeout, t, p.tls.server_name)) \
                 if serves else None
             # the REST listener's connections to each endpoint's ``http`` address (when there is a listener)
-            http_factory = http_upstream_factory(cfg.rest, pcfg.connect_timeout) \
+            http_factory = http_upstream_factory(cfg.rest, pcfg.connect_timeout,
+                                                 upstream_ssl_context(pcfg.tls, ["http/1.1"]), pcfg.tls.server_name) \
                 if serves and cfg.rest.listeners else None
             self.pools[name] = Pool(name, pcfg, clock=clock, rng=random.Random(self.rng.random()), stats=self.stats,
                                     upstream_factory=factory, on_change=self._on_pool_change,
@@ -73,6 +79,15 @@ class Balancer:
         #: the REST (HTTP/1.1) data plane over the same pools, when ``rest.listeners`` are configured
         self.rest = RestProxy(self.router, self.pools, cfg.rest, clock=clock, rng=random.Random(self.rng.random())) \
             if serves and cfg.rest.listeners else None
+        #: admission (tokens, allow lists, rate limits) before routing, on both data planes
+        self.guard: Guard | None = None
+        if serves and (cfg.auth.enabled or cfg.rate_limit.enabled):
+            self.guard = Guard(cfg.auth, cfg.rate_limit, StatsCounter(self.stats))
+            self.proxy.guard = self.guard
+            if self.rest is not None:
+                self.rest.guard = self.guard
+        #: the listeners' certificates, watched for changes (new handshakes get the newest)
+        self._tls: list[TlsFiles] = []
         self.registry = make_registry(BalancerCollector(self._stats_dump, self.endpoint_rows))
         self.serving = False
         self.ports: list[int] = []
@@ -83,6 +98,7 @@ class Balancer:
         self._tasks: list[asyncio.Task[Any]] = []
         self._checkers: dict[str, HealthChecker] = {}
         self._probe = GrpcHealthProbe()
+        self._tls_probes: list[GrpcHealthProbe] = []
         self._admin_runner: Any = None
         self._workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
         self._worker_reports: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
@@ -118,7 +134,11 @@ class Balancer:
                 services = [hc.service]
                 if hc.per_model:
                     services += self.router.models_for_pool(name)
-                self._checkers[name] = HealthChecker(pool, self._probe, self.stats,
+                probe = self._probe
+                if pool.config.tls.on:  # its own channels, over TLS
+                    probe = GrpcHealthProbe(upstream_grpc_credentials(pool.config.tls), pool.config.tls.server_name)
+                    self._tls_probes.append(probe)
+                self._checkers[name] = HealthChecker(pool, probe, self.stats,
                                                      random.Random(self.rng.random()), services)
         for pool in self.pools.values():
             pool.start()
@@ -138,6 +158,18 @@ class Balancer:
 
     async def _start_server(self, reuseport: bool) -> None:
         self.serving = True
+        if self.cfg.tls.enabled:
+            h2 = TlsFiles(self.cfg.tls, ["h2"])
+            self.proxy.ssl = h2.ssl_context()
+            self._tls.append(h2)
+            if self.rest is not None:
+                http1 = TlsFiles(self.cfg.tls, ["http/1.1"])
+                self.rest.ssl = http1.ssl_context()
+                self._tls.append(http1)
+            for files in self._tls:
+                files.start()
+        if self.guard is not None:
+            self.guard.start()
         for lst in self.cfg.listeners:
             try:
                 self.ports.append(await self.proxy.listen(lst.address, reuse_port=reuseport))
@@ -309,7 +341,12 @@ class Balancer:
             await self.xds.close()
         for pool in self.pools.values():
             await pool.close()
-        await self._probe.close()
+        for probe in (self._probe, *self._tls_probes):
+            await probe.close()
+        for files in self._tls:
+            files.close()
+        if self.guard is not None:
+            self.guard.close()
         if self.role != "control" and self.cfg.tracing.enabled:
             await asyncio.to_thread(tracing.shutdown)  # the last spans are exported
 

@@ -38,8 +38,10 @@ from modelyard.balancer.h2.connection import CANCEL, NO_ERROR, Stream
 from modelyard.balancer.h2.hpack import Headers, encode
 from modelyard.balancer.request_head import RequestHead
 from modelyard.balancer.tracing import CallTrace
+from modelyard.security.guard import Refused
 
 if TYPE_CHECKING:
+    from modelyard.balancer.guard import ModelScanner
     from modelyard.balancer.pool import Pool
     from modelyard.balancer.proxy import Proxy
 
@@ -104,7 +106,8 @@ class Call:
     """One proxied call: the handler of the client's stream."""
 
     __slots__ = ("attempts", "buffered", "buffered_bytes", "deadline", "down", "head", "pool", "proxy", "req_done",
-                 "resolve", "retry_held", "retryable", "start", "state", "timer", "trace", "tried", "tries", "winner")
+                 "resolve", "retry_held", "retryable", "scan", "start", "state", "timer", "trace", "tried", "tries",
+                 "winner")
 
     def __init__(self, proxy: Proxy, down: Stream, head: RequestHead, req_done: bool) -> None:
         self.proxy = proxy
@@ -132,6 +135,8 @@ class Call:
         self.start = 0.0
         #: the call's spans (tracing on only)
         self.trace: CallTrace | None = None
+        #: checks the model of each request message before it is sent on (a caller limited to some models)
+        self.scan: ModelScanner | None = None
 
     @property
     def finished(self) -> bool:
@@ -155,6 +160,12 @@ class Call:
             self.req_done = True
         if self.state is State.DONE:
             return
+        if self.scan is not None:
+            try:
+                self.scan.feed(data)
+            except Refused as exc:
+                self.refuse(exc)
+                return
         for a in self.attempts:
             st = a.stream
             if st is not None:
@@ -296,15 +307,23 @@ class Call:
             pool.active_retries -= 1
         pool.record(a.ep, outcome, self.proxy.clock.now() - a.t0, code, a.inflight)
 
-    def fail(self, code: int, message: str) -> None:
-        """End the call with ``code`` (trailers-only unless response headers went out)."""
+    def fail(self, code: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """End the call with ``code`` (trailers-only unless response headers went out), every attempt
+        cancelled; ``extra`` trailers go with it (``retry-after-ms``)."""
         if self.state is State.DONE:
             return
         if self.trace is not None:
             self.trace.error(f"{code_name(code)}: {message}")
+        for a in list(self.attempts):
+            self.end_attempt(a, Outcome.APP_ERROR, "CANCELLED")
         down = self.down
-        down.conn.send_headers(down, status_block(code, message, self.winner is None), True)
+        down.conn.send_headers(down, status_block(code, message, self.winner is None, extra), True)
         self.finish()
+
+    def refuse(self, exc: Refused) -> None:
+        """End the call with the guard's refusal (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED)."""
+        hint = exc.retry_after_ms
+        self.fail(exc.grpc_code, exc.message, () if hint is None else ((b"retry-after-ms", str(hint).encode()),))
 
     def finish(self) -> None:
         if self.state is State.DONE:

@@ -19,6 +19,7 @@ from modelyard.balancer.rest.config import RestConfig
 from modelyard.balancer.retry import HedgeConfig, RetryConfig
 from modelyard.balancer.xds import XdsConfig
 from modelyard.config import Check, ConfigError, load, read_yaml, to_dict
+from modelyard.security.config import AuthConfig, RateLimitConfig, TlsConfig, UpstreamTlsConfig
 from modelyard.tracing import TracingConfig
 
 __all__ = ["BalancerConfig", "ConfigError", "PoolConfig", "config_from_dict", "config_to_dict", "host_port_ok",
@@ -216,6 +217,8 @@ class PoolConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     hedge: HedgeConfig = field(default_factory=HedgeConfig)
     activator: ActivatorConfig = field(default_factory=ActivatorConfig)
+    #: TLS / mTLS to this pool's endpoints (gRPC data, health checks, REST)
+    tls: UpstreamTlsConfig = field(default_factory=UpstreamTlsConfig)
 
     def validate(self, check: Check) -> None:
         if self.picker not in PICKERS:
@@ -304,6 +307,12 @@ class BalancerConfig:
     rest: RestConfig = field(default_factory=RestConfig)
     #: OpenTelemetry spans (pick) and traceparent propagation with the balancer's span as parent (off by default)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    #: TLS (mTLS with ``client_ca``) on every gRPC and REST listener; certificates reloaded on change
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    #: bearer tokens checked at the balancer (the token still goes on to the replicas); off by default
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    #: per-client token buckets at the balancer (client = token name, else peer address)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
 
     def validate(self, check: Check) -> None:
         check(bool(self.listeners), "listeners", "at least one listener is required")

@@ -90,9 +90,13 @@ class DownstreamConnection(H2Connection):
         self._defer = False
         self._idle_mark = -1
         self._idle_was_empty = False
+        #: the client's address (the rate limiter's key for a caller without a token)
+        self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._start_transport(transport)
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if isinstance(peername, tuple) and peername else str(peername or "")
         proxy = self.proxy
         lim = self.limits
         self.write(self._open_frames())

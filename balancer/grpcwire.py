@@ -62,10 +62,12 @@ def percent_encode(message: str) -> bytes:
     return bytes(out)
 
 
-def status_block(code: int, message: str, trailers_only: bool) -> bytes:
+def status_block(code: int, message: str, trailers_only: bool,
+                 extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
     fields = [(b"grpc-status", str(code).encode())]
     if message:
         fields.append((b"grpc-message", percent_encode(message)))
+    fields.extend(extra)
     if trailers_only:
         fields = [(b":status", b"200"), (b"content-type", b"application/grpc"), *fields]
     return encode(tuple(fields))

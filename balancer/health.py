@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -28,7 +29,10 @@ CheckFn = Callable[[str, str, float], Awaitable[bool]]
 class GrpcHealthProbe:
     """Calls grpc.health.v1 Check over one channel per address (separate from data channels)."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None, server_name: str = "") -> None:
+        #: TLS to the endpoints (a pool with ``tls``), and the name their certificates are checked against
+        self.credentials = credentials
+        self.server_name = server_name
         self._channels: dict[str, grpc.aio.Channel] = {}
         #: health checkers (one per pool) currently checking each address; shared probe, so counted
         self._users: dict[str, int] = {}
@@ -53,9 +57,15 @@ class GrpcHealthProbe:
     async def __call__(self, address: str, service: str, timeout: float) -> bool:  # noqa: ASYNC109
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=[("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000),
-                                  ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100)])
+            options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000),
+                       ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100)]
+            if self.credentials is None:
+                ch = grpc.aio.insecure_channel(address, options=options)
+            else:
+                if self.server_name:
+                    options.append(("grpc.ssl_target_name_override", self.server_name))
+                ch = grpc.aio.secure_channel(address, self.credentials, options=options)
+            self._channels[address] = ch
         check = ch.unary_unary("/grpc.health.v1.Health/Check",
                                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
                                response_deserializer=health_pb2.HealthCheckResponse.FromString)

@@ -23,6 +23,7 @@ from modelyard.balancer.config import (
 from modelyard.balancer.pickers import PICKERS
 from modelyard.config import default, override, read_yaml
 from modelyard.launcher import print_ready
+from modelyard.security.cli import add_security_flags, security_overrides
 from modelyard.tracing import configure_logging
 
 
@@ -53,6 +54,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--otlp-endpoint", metavar="HOST:PORT",
                    help="trace calls with OpenTelemetry (a span per call, a pick span per attempt; traceparent sent "
                         "with the balancer's span as parent), exporting to this OTLP/gRPC collector")
+    add_security_flags(p, "the gRPC and REST listeners")
     p.add_argument("--check", action="store_true", help="validate the configuration and exit")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.set_defaults(func=run)
@@ -73,6 +75,7 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
         "drain.grace": args.drain_grace,
         "tracing.enabled": True if args.otlp_endpoint else None,
         "tracing.endpoint": args.otlp_endpoint,
+        **security_overrides(args),
     })
     if args.rest_listen:
         data = override(data, {"rest.listeners": [{"address": args.rest_listen}]})

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import random
 import time
+from typing import Any
 
 from modelyard import tracing
 from modelyard.balancer.call import Attempt, Call, State
@@ -47,6 +48,7 @@ from modelyard.balancer.grpcwire import (
     status_block,
     timeout_field,
 )
+from modelyard.balancer.guard import admit
 from modelyard.balancer.h2 import hpack
 from modelyard.balancer.h2.connection import Flusher, Stream
 from modelyard.balancer.h2.hpack import Headers, encode, encode_field
@@ -57,6 +59,7 @@ from modelyard.balancer.retry import backoff, decide_retry
 from modelyard.balancer.routing import Router
 from modelyard.balancer.tracing import start_call
 from modelyard.clock import MONOTONIC, Clock
+from modelyard.security.guard import Guard, Refused
 
 __all__ = ["DownstreamConnection", "Proxy"]
 
@@ -97,6 +100,10 @@ class Proxy:
         hpack.set_cache_budget(self.limits.header_cache_bytes)
         #: set when in_flight drops to 0 during shutdown
         self.idle: asyncio.Event | None = None
+        #: tokens, allow lists and rate limits checked before routing (balancer/guard.py); None = off
+        self.guard: Guard | None = None
+        #: TLS on the listeners (an SSLContext whose certificate follows its files); None = cleartext
+        self.ssl: Any = None
         for pool in pools.values():
             pool.on_ready = lambda p=pool: self.release_held(p)
 
@@ -107,7 +114,7 @@ class Proxy:
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: DownstreamConnection(self), host.strip("[]") or None, int(port),
-                                          reuse_port=reuse_port or None, backlog=1024)
+                                          reuse_port=reuse_port or None, backlog=1024, ssl=self.ssl)
         self.servers.append(server)
         return server.sockets[0].getsockname()[1]
 
@@ -149,6 +156,12 @@ class Proxy:
         call.start = self.clock.now()
         if tracing.ACTIVE is not None:
             call.trace = start_call(head.method, head.traceparent, **{"rpc.system": "grpc"})
+        if self.guard is not None:
+            try:
+                call.scan = admit(self.guard, head.rule, head.authorization, lambda: conn.peer)
+            except Refused as exc:
+                call.refuse(exc)
+                return
         if head.timeout is not None:  # armed now: a model-routed call may wait for its first bytes
             self.arm_deadline(call, call.start + head.timeout)
         if self.draining and head.method == HEALTH_CHECK:

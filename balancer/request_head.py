@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from modelyard.balancer.grpcwire import parse_timeout
 from modelyard.balancer.h2.hpack import Headers, encode_field
+from modelyard.security.rules import Rule, rule_for
 
 #: RFC 7540 8.1.2.2: connection-specific headers, never forwarded
 HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
@@ -13,7 +14,8 @@ HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"tr
 class RequestHead:
     """What the proxy needs from a request's headers; cached per header list (without a timeout)."""
 
-    __slots__ = ("block", "error", "has_authority", "idempotent", "method", "path", "timeout", "traceparent", "unary")
+    __slots__ = ("authorization", "block", "error", "has_authority", "idempotent", "method", "path", "rule",
+                 "timeout", "traceparent", "unary")
 
     def __init__(self, headers: Headers, unary: frozenset[bytes] = frozenset(),
                  idempotent: frozenset[bytes] = frozenset()) -> None:
@@ -21,6 +23,8 @@ class RequestHead:
         self.timeout: float | None = None
         #: W3C trace context: not in ``block``; each attempt sends it (as received, or with the balancer's span)
         self.traceparent: bytes | None = None
+        #: the ``authorization`` header (checked when the balancer has ``auth``; forwarded either way)
+        self.authorization: str | None = None
         path = verb = ctype = authority = b""
         scheme = b"http"
         rest: list[tuple[bytes, bytes]] = []
@@ -41,10 +45,15 @@ class RequestHead:
             elif k == b"content-type":
                 ctype = v
                 rest.append((k, v))
+            elif k == b"authorization":
+                self.authorization = v.decode("latin-1")
+                rest.append((k, v))
             elif k not in HOP_HEADERS:
                 rest.append((k, v))
         self.path = path
         self.method = path.decode("utf-8", "replace")
+        #: what the call needs from its caller (kind, model field, admin operation): security/rules.py
+        self.rule: Rule = rule_for(self.method)
         #: a unary method (its request can be kept and sent again), and one safe to send twice (hedging)
         self.unary = path in unary
         self.idempotent = self.unary and path in idempotent

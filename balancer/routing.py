@@ -37,10 +37,16 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def peek_model_name(buf: bytes) -> str | None:
-    """Field 1 (length-delimited) of a serialized message, decoded as UTF-8; None if absent or malformed."""
-    # fast path: serializers write field 1 first, so the tag is 0x0a and a one-byte length follows
-    if len(buf) >= 2 and buf[0] == 0x0A and buf[1] < 0x80:
+#: :func:`peek_string`'s answer when the field may still come in later bytes
+MORE = object()
+
+
+def peek_string(buf: bytes, number: int) -> object:
+    """Field ``number`` (length-delimited) of the start of a serialized message, decoded as UTF-8, without
+    parsing it: the string; :data:`MORE` when ``buf`` ends before the field did (or before it was found);
+    None when the bytes are malformed or the field is not a valid string."""
+    # fast path: serializers write fields in number order, so field 1 comes first with a one-byte length
+    if number == 1 and len(buf) >= 2 and buf[0] == 0x0A and buf[1] < 0x80:
         end = 2 + buf[1]
         if end <= len(buf):
             try:
@@ -60,16 +66,24 @@ def peek_model_name(buf: bytes) -> str | None:
                 i += 4
             elif wire == 2:
                 length, i = _varint(buf, i)
-                if field_no == 1:
+                if field_no == number:
                     if i + length > n:
-                        return None
+                        return MORE
                     return buf[i:i + length].decode()
                 i += length
             else:
                 return None
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # a varint cut by the end of buf
+        return MORE
+    except UnicodeDecodeError:
         return None
-    return None
+    return MORE
+
+
+def peek_model_name(buf: bytes) -> str | None:
+    """Field 1 (length-delimited) of a serialized message, decoded as UTF-8; None if absent or malformed."""
+    found = peek_string(buf, 1)
+    return found if isinstance(found, str) else None
 
 
 def split_method(method: str) -> tuple[str, str]:

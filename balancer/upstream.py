@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 
 from modelyard.balancer.h2.connection import (
     MAX_STREAM_ID,
@@ -61,8 +62,9 @@ class UpstreamConnection(H2Connection):
         up = self.upstream
         try:
             host, port = split_address(up.address)
-            await asyncio.wait_for(asyncio.get_running_loop().create_connection(lambda: self, host, port),
-                                   up.connect_timeout)
+            await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                lambda: self, host, port, ssl=up.ssl,
+                server_hostname=(up.server_name or host) if up.ssl is not None else None), up.connect_timeout)
         except asyncio.CancelledError:
             self._fail_all(f"connect to {up.address} cancelled")
             raise
@@ -186,10 +188,14 @@ class Upstream:
     """Up to ``channels`` connections to one address, used round-robin."""
 
     __slots__ = ("_rr", "address", "backoff", "channels", "closed", "connect_timeout", "conns", "flusher",
-                 "last_error", "retry_at", "tasks")
+                 "last_error", "retry_at", "server_name", "ssl", "tasks")
 
-    def __init__(self, address: str, channels: int, flusher: Flusher, connect_timeout: float = 1.0) -> None:
+    def __init__(self, address: str, channels: int, flusher: Flusher, connect_timeout: float = 1.0,
+                 tls: ssl.SSLContext | None = None, server_name: str = "") -> None:
         self.address = address
+        #: TLS to the endpoint (ALPN h2), checked against ``server_name`` (else the address's host)
+        self.ssl = tls
+        self.server_name = server_name
         self.channels = max(1, channels)
         self.connect_timeout = connect_timeout
         self.flusher = flusher

@@ -98,3 +98,29 @@ class RateLimitConfig:
         check(self.rps >= 0, "rps", "must be >= 0 (0 = no limit)")
         check(self.burst >= 0, "burst", "must be >= 0 (0 = max(1, rps))")
         check(self.max_clients >= 1, "max_clients", "must be >= 1")
+
+
+@dataclass
+class UpstreamTlsConfig:
+    """TLS (mTLS with ``cert``/``key``) from a proxy to its upstreams, e.g. the balancer to the replicas of a pool."""
+
+    #: originate TLS to the upstreams (on by itself when ``ca`` or ``cert`` is given)
+    enabled: bool = False
+    #: PEM bundle of the CAs the upstreams' certificates must chain to ("" = the system's roots)
+    ca: str = ""
+    #: PEM certificate chain and key presented to the upstreams (mTLS); give both or neither
+    cert: str = ""
+    key: str = ""
+    #: the name the upstreams' certificates are checked against ("" = the host of each endpoint's address)
+    server_name: str = ""
+
+    @property
+    def on(self) -> bool:
+        return self.enabled or bool(self.ca or self.cert)
+
+    def validate(self, check: Check) -> None:
+        check(bool(self.cert) == bool(self.key), "cert" if not self.cert else "key",
+              "cert and key go together: give both or neither")
+        _readable(check, "ca", self.ca)
+        _readable(check, "cert", self.cert)
+        _readable(check, "key", self.key)

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from modelyard.security.config import TlsConfig
+from modelyard.security.config import TlsConfig, UpstreamTlsConfig
 from modelyard.security.files import LoadError, Reloadable
 
 log = logging.getLogger("modelyard.security")
@@ -204,3 +204,18 @@ def client_ssl_context(ca: str | None = None, cert: str | None = None, key: str 
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
+
+
+def upstream_ssl_context(cfg: UpstreamTlsConfig, alpn: Sequence[str]) -> ssl.SSLContext | None:
+    """The client context a proxy uses towards its upstreams (None when ``cfg`` is off)."""
+    if not cfg.on:
+        return None
+    return client_ssl_context(cfg.ca or None, cfg.cert or None, cfg.key or None, alpn)
+
+
+def upstream_grpc_credentials(cfg: UpstreamTlsConfig) -> grpc.ChannelCredentials | None:
+    """The same files as gRPC channel credentials (the balancer's health checks), None when off."""
+    if not cfg.on:
+        return None
+    files = read_client_files(cfg.ca or None, cfg.cert or None, cfg.key or None)
+    return grpc.ssl_channel_credentials(files.ca, files.key, files.cert)

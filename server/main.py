@@ -26,7 +26,7 @@ from modelyard.config import ConfigError, default, load, override, read_yaml
 from modelyard.launcher import print_ready
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos._pool import POOL
-from modelyard.security.config import RateLimitConfig, TlsConfig
+from modelyard.security.cli import add_security_flags, security_overrides
 from modelyard.security.files import LoadError
 from modelyard.security.tls import TlsFiles
 from modelyard.server.admission import Admission
@@ -263,16 +263,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "health_gpu_memory": args.health_gpu_memory,
         "tracing.enabled": True if args.otlp_endpoint else None,
         "tracing.endpoint": args.otlp_endpoint,
-        "tls.cert": args.tls_cert,
-        "tls.key": args.tls_key,
-        "tls.client_ca": args.tls_client_ca,
-        "tls.reload_interval": args.tls_reload_interval,
-        "auth.tokens_file": args.auth_tokens,
-        "auth.tokens_env": args.auth_tokens_env,
-        "auth.exempt": ([k.strip() for k in args.auth_exempt.split(",") if k.strip()]
-                        if args.auth_exempt is not None else None),
-        "rate_limit.rps": args.rate_limit,
-        "rate_limit.burst": args.rate_burst,
+        **security_overrides(args),
         "overload.max_inflight": args.max_inflight,
         "overload.max_queue_ms": args.max_queue_ms,
     })
@@ -320,26 +311,8 @@ def register(sub: Any) -> None:
     p.add_argument("--health-gpu-memory", type=float,
                    help="GET /health reports degraded when a GPU's used memory fraction is above this "
                         f"(default {d('health_gpu_memory')})")
-    tls, rate, over = (partial(default, c) for c in (TlsConfig, RateLimitConfig, OverloadConfig))
-    g = p.add_argument_group("security and overload (docs/security.md)")
-    g.add_argument("--tls-cert", metavar="PEM", help="certificate chain: TLS on the gRPC and HTTP ports (with --tls-key)")
-    g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    g.add_argument("--tls-client-ca", metavar="PEM",
-                   help="CA bundle client certificates must chain to: mTLS, clients without one are refused")
-    g.add_argument("--tls-reload-interval", type=float, metavar="S",
-                   help="seconds between checks of the certificate files; a change applies to new connections "
-                        f"(default {tls('reload_interval')}; 0 = never)")
-    g.add_argument("--auth-tokens", metavar="FILE",
-                   help="YAML/JSON file of bearer tokens: <token>: {name, models: [globs], admin: [load, unload, "
-                        "shared_memory]}; every call then needs 'authorization: Bearer <token>' (reloaded on change)")
-    g.add_argument("--auth-tokens-env", metavar="VAR",
-                   help="environment variable holding the same document, or one bare token (every model, no admin)")
-    g.add_argument("--auth-exempt", metavar="KINDS",
-                   help="comma-separated calls that need no token: health, reflection, metrics (default: none)")
-    g.add_argument("--rate-limit", type=float, metavar="RPS",
-                   help=f"requests/s per client (token name, else peer address) (default {rate('rps')}: no limit)")
-    g.add_argument("--rate-burst", type=int, metavar="N",
-                   help="requests a client may send at once after being idle (default: max(1, --rate-limit))")
+    over = partial(default, OverloadConfig)
+    g = add_security_flags(p, "the gRPC and HTTP ports")
     g.add_argument("--max-inflight", type=int, metavar="N",
                    help="inference requests in flight in the whole server beyond which new ones get "
                         f"RESOURCE_EXHAUSTED at once (default {over('max_inflight')}; 0 = no limit)")

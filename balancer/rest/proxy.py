@@ -29,6 +29,7 @@ import contextlib
 import fnmatch
 import logging
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,6 +57,8 @@ from modelyard.balancer.retry import RetryDecision, backoff, decide_retry
 from modelyard.balancer.routing import Router
 from modelyard.balancer.tracing import CallTrace, start_call
 from modelyard.clock import MONOTONIC, Clock
+from modelyard.security.guard import Caller, Guard, Refused
+from modelyard.security.rules import rest_rule_for
 
 log = logging.getLogger("modelyard.balancer.rest")
 
@@ -86,10 +89,43 @@ class ClientError(Exception):
 class RestCall:
     """One request: read whole from the client, sent to one endpoint at a time, its response relayed."""
 
-    __slots__ = ("body", "body_len", "close_after", "conn", "deadline", "ep", "error", "expect_continue",
-                 "forward", "has_host", "headers", "idempotent", "inflight", "method", "model", "openai", "path", "pending",
-                 "pool", "proxy", "rechunk", "started", "state", "status", "t0", "target", "timer", "trace", "traceparent",
-                 "tried", "tries", "up", "version")
+    __slots__ = (
+        "body",
+        "body_len",
+        "caller",
+        "close_after",
+        "conn",
+        "deadline",
+        "ep",
+        "error",
+        "expect_continue",
+        "forward",
+        "has_host",
+        "headers",
+        "idempotent",
+        "inflight",
+        "method",
+        "model",
+        "openai",
+        "path",
+        "pending",
+        "pool",
+        "proxy",
+        "rechunk",
+        "retry_after",
+        "started",
+        "state",
+        "status",
+        "t0",
+        "target",
+        "timer",
+        "trace",
+        "traceparent",
+        "tried",
+        "tries",
+        "up",
+        "version",
+    )
 
     def __init__(self, proxy: RestProxy, conn: RestConnection) -> None:
         self.proxy = proxy
@@ -132,6 +168,10 @@ class RestCall:
         self.error: tuple[int, str] | None = None
         #: the call's spans (tracing on only)
         self.trace: CallTrace | None = None
+        #: who is calling (the balancer's auth); its models are checked once the model is known
+        self.caller: Caller | None = None
+        #: Retry-After seconds of a rate-limited answer
+        self.retry_after: int | None = None
 
     # ------------------------------------------------------------------ routing
 
@@ -145,6 +185,8 @@ class RestCall:
                                     self.traceparent, **{"http.request.method": self.method.decode("latin-1")})
         if self.error is not None:
             self.reply_error(*self.error)
+            return
+        if proxy.guard is not None and not self.admit(proxy.guard):
             return
         self.idempotent = self.method in IDEMPOTENT_METHODS or (
             self.method == b"POST" and proxy.is_idempotent_path(self.path))
@@ -172,8 +214,32 @@ class RestCall:
         self.model = fut.result()
         self.route()
 
+    def admit(self, guard: Guard) -> bool:
+        """Token, admin operation and rate limit (balancer/guard.py); False when refused (and answered)."""
+        rule, model = rest_rule_for(self.path.decode("latin-1"))
+        authorization = next((v.decode("latin-1") for n, v in self.headers if n.lower() == b"authorization"), None)
+        try:
+            caller = self.caller = guard.admit(authorization, lambda: self.conn.peer, rule.kind)
+            if caller is not None:
+                if rule.operation:
+                    caller.check_admin(rule.operation)
+                if model:
+                    caller.check_model(model)
+        except Refused as exc:
+            if exc.retry_after_ms is not None:
+                self.retry_after = max(1, -(-exc.retry_after_ms // 1000))
+            self.reply_error(exc.http, exc.message)
+            return False
+        return True
+
     def route(self) -> None:
         proxy = self.proxy
+        if self.caller is not None and self.model:
+            try:
+                self.caller.check_model(self.model)
+            except Refused as exc:
+                self.reply_error(exc.http, exc.message)
+                return
         name = proxy.router.rest_pool(self.model)
         pool = proxy.pools.get(name) if name is not None else None
         if pool is None:
@@ -449,7 +515,8 @@ class RestCall:
         self.status = status
         if self.trace is not None:
             self.trace.error(f"HTTP {status}: {message}")
-        self.conn.queue(error_response(status, message, openai=self.openai, close=self.close_after))
+        self.conn.queue(error_response(status, message, openai=self.openai, close=self.close_after,
+                                       retry_after=self.retry_after))
         self.finish()
 
     def finish(self) -> None:
@@ -511,6 +578,9 @@ class RestConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        peername = transport.get_extra_info("peername")
+        #: the client's address (the rate limiter's key for a caller without a token)
+        self.peer = str(peername[0]) if isinstance(peername, tuple) and peername else str(peername or "")
         self.proxy.connections.add(self)
         self.last_progress = self.proxy.loop_time()
         if self.proxy.draining_connections:
@@ -743,6 +813,10 @@ class RestProxy:
         self._idem_cache: dict[bytes, bool] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: tokens, allow lists and rate limits (balancer/guard.py); None = off
+        self.guard: Guard | None = None
+        #: TLS on the listeners (ALPN http/1.1); None = cleartext
+        self.ssl: ssl.SSLContext | None = None
         for pool in pools.values():
             pool.ready_listeners.append(lambda p=pool: self.release_held(p))
 
@@ -823,7 +897,7 @@ class RestProxy:
         loop = asyncio.get_running_loop()
         self._loop = loop
         server = await loop.create_server(lambda: RestConnection(self), host.strip("[]") or None, int(port),
-                                          reuse_port=reuse_port or None, backlog=1024)
+                                          reuse_port=reuse_port or None, backlog=1024, ssl=self.ssl)
         self.servers.append(server)
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._sweep())
@@ -872,6 +946,7 @@ class RestProxy:
         self.servers.clear()
 
 
-def http_upstream_factory(cfg: RestConfig, connect_timeout: float) -> Callable[[str], HttpUpstream]:
-    """What a pool calls to make an endpoint's HTTP connections."""
-    return lambda address: HttpUpstream(address, connect_timeout, cfg.upstream_max_idle)
+def http_upstream_factory(cfg: RestConfig, connect_timeout: float, tls: ssl.SSLContext | None = None,
+                          server_name: str = "") -> Callable[[str], HttpUpstream]:
+    """What a pool calls to make an endpoint's HTTP connections (over TLS with ``tls``)."""
+    return lambda address: HttpUpstream(address, connect_timeout, cfg.upstream_max_idle, tls, server_name)

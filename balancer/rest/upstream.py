@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from typing import Protocol, cast
 
 import httptools
@@ -66,8 +67,9 @@ class HttpConnection(asyncio.Protocol):
         up = self.upstream
         try:
             host, port = split_address(up.address)
-            await asyncio.wait_for(asyncio.get_running_loop().create_connection(lambda: self, host, port),
-                                   up.connect_timeout)
+            await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                lambda: self, host, port, ssl=up.ssl,
+                server_hostname=(up.server_name or host) if up.ssl is not None else None), up.connect_timeout)
         except asyncio.CancelledError:
             self._lost(f"connect to {up.address} cancelled")
             raise
@@ -232,10 +234,14 @@ class HttpUpstream:
     """Keep-alive HTTP/1.1 connections to one address."""
 
     __slots__ = ("address", "backoff", "busy", "closed", "connect_timeout", "idle", "last_error", "max_idle",
-                 "quiet", "retry_at", "tasks")
+                 "quiet", "retry_at", "server_name", "ssl", "tasks")
 
-    def __init__(self, address: str, connect_timeout: float = 1.0, max_idle: int = 64) -> None:
+    def __init__(self, address: str, connect_timeout: float = 1.0, max_idle: int = 64,
+                 tls: ssl.SSLContext | None = None, server_name: str = "") -> None:
         self.address = address
+        #: HTTPS to the endpoint (ALPN http/1.1), checked against ``server_name`` (else the address's host)
+        self.ssl = tls
+        self.server_name = server_name
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         #: idle connections, the most recently used last

@@ -99,8 +99,10 @@ def error_body(status: int, message: str, openai: bool) -> bytes:
     return json.dumps(doc).encode()
 
 
-def error_response(status: int, message: str, *, openai: bool = False, close: bool = False) -> bytes:
-    """A whole HTTP/1.1 error response with a JSON body."""
+def error_response(status: int, message: str, *, openai: bool = False, close: bool = False,
+                   retry_after: int | None = None) -> bytes:
+    """A whole HTTP/1.1 error response with a JSON body (and ``Retry-After`` seconds when given)."""
     body = error_body(status, message, openai)
     return b"".join((status_line(status), b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+                     b"retry-after: %d\r\n" % retry_after if retry_after is not None else b"",
                      b"connection: close\r\n" if close else b"", b"\r\n", body))

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from modelyard import __version__
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
+from modelyard.security.rules import ANY_CALLER, RULES
 from modelyard.server.errors import ModelyardError, Unsupported, as_modelyard_error
 from modelyard.server.frontends.grpc_codec import decode_request, encode_response
 from modelyard.server.frontends.tensor_io import (
@@ -29,7 +30,7 @@ from modelyard.server.frontends.tensor_io import (
     read_inputs,
     write_outputs,
 )
-from modelyard.server.guard import CALLER, HEALTH, SERVER, Guard, visible
+from modelyard.server.guard import CALLER, SERVER, Guard, visible
 from modelyard.server.model import ModelVersion
 from modelyard.server.model_config import to_proto
 from modelyard.server.repository import ModelRepository
@@ -265,26 +266,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     TraceSetting = LogSettings = _unsupported
 
 
-#: what each GRPCInferenceService call needs when a Guard is on (server/guard.py): the kind of call,
-#: the request field naming its model (checked against the token's models before the model is looked
-#: up), the admin operation it is
-RULES: dict[str, tuple[str, str, str]] = {
-    "ServerLive": (HEALTH, "", ""),
-    "ServerReady": (HEALTH, "", ""),
-    "ModelReady": (HEALTH, "name", ""),
-    "ModelMetadata": (SERVER, "name", ""),
-    "ModelConfig": (SERVER, "name", ""),
-    "ModelStatistics": (SERVER, "name", ""),
-    "ModelInfer": (SERVER, "model_name", ""),
-    "RepositoryModelLoad": (SERVER, "model_name", "load"),
-    "RepositoryModelUnload": (SERVER, "model_name", "unload"),
-    "SystemSharedMemoryRegister": (SERVER, "", "shared_memory"),
-    "SystemSharedMemoryUnregister": (SERVER, "", "shared_memory"),
-    "SystemSharedMemoryStatus": (SERVER, "", "shared_memory"),
-}
-_ANY_CALLER = (SERVER, "", "")
-
-
 def authorization(context: grpc.aio.ServicerContext) -> str | None:
     """The ``authorization`` metadata of a call (None when absent)."""
     for key, value in context.invocation_metadata() or ():
@@ -333,7 +314,8 @@ def _unary(cls: Any, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
     rate-limited before the bytes are parsed, and its model and admin operation checked after."""
     name = cls.DESCRIPTOR.full_name
     servicer = method.__self__  # type: ignore[attr-defined]
-    kind, model_field, operation = RULES.get(method.__name__, _ANY_CALLER)
+    rule = RULES.get(method.__name__, ANY_CALLER)  # security/rules.py: kind, model field, admin operation
+    kind, model_field, operation = rule.kind, rule.model_field, rule.operation
     rpc = f"inference.GRPCInferenceService/{method.__name__}"
 
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
