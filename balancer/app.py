@@ -319,6 +319,18 @@ class Balancer:
         """Return once a drain has finished."""
         await self._drained.wait()
 
+    async def __aenter__(self) -> Balancer:
+        """Start (closing again if starting fails); ``async with Balancer(cfg) as b`` closes on exit."""
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         """Stop everything now (after a drain, or in tests)."""
         for t in self._tasks:

@@ -237,6 +237,23 @@ class Pool:
 
     # ------------------------------------------------------------------ held calls (scale from zero)
 
+    def enter(self) -> str | None:
+        """Count a request routed here (``active``, left by the caller when it ends); why it may not
+        go on when the pool is over its ``circuit_breakers.max_requests``, else None."""
+        self.active += 1
+        self.stats.count(self.name, "routed")
+        cb = self.config.circuit_breakers
+        if self.active > cb.max_requests:
+            self.stats.count(self.name, "circuit_open_requests")
+            return f"pool '{self.name}' is over its max_requests ({cb.max_requests})"
+        return None
+
+    def count_retry_decision(self, counter: str) -> None:
+        """Count what :func:`~modelyard.balancer.retry.decide_retry` decided (its ``counter``)."""
+        self.stats.count(self.name, counter)
+        if counter == "retry_budget_exhausted":
+            self.budget.exhausted += 1
+
     def hold(self, call: Any, timer: asyncio.TimerHandle) -> None:
         self.held[call] = timer
         self.stats.held[self.name] = len(self.held)

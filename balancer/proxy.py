@@ -198,12 +198,9 @@ class Proxy:
             call.fail(UNIMPLEMENTED, f"no route for {call.head.method}")
             return
         call.pool = pool
-        pool.active += 1
-        pool.stats.count(pool.name, "routed")
-        cb = pool.config.circuit_breakers
-        if pool.active > cb.max_requests:
-            pool.stats.count(pool.name, "circuit_open_requests")
-            call.fail(RESOURCE_EXHAUSTED, f"pool '{pool.name}' is over its max_requests ({cb.max_requests})")
+        over = pool.enter()
+        if over is not None:
+            call.fail(RESOURCE_EXHAUSTED, over)
             return
         head = call.head
         buf = call.buffered
@@ -359,9 +356,7 @@ class Proxy:
                          backoff_delay=backoff(call.tries, cfg.retry, self.rng),
                          retries_in_flight=pool.active_retries, max_retries=cfg.circuit_breakers.max_retries,
                          budget_available=pool.budget.available())
-        pool.stats.count(pool.name, d.counter)
-        if d.counter == "retry_budget_exhausted":
-            pool.budget.exhausted += 1
+        pool.count_retry_decision(d.counter)
         if not d.go:
             return False
         pool.budget.withdraw()

@@ -38,6 +38,23 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def open_connection(protocol: asyncio.Protocol, address: str, connect_timeout: float,
+                          tls: ssl.SSLContext | None, server_name: str) -> str | None:
+    """Connect ``protocol`` to ``host:port`` (over TLS with ``tls``, checked against ``server_name``
+    or the host); None when connected, else why not. Cancellation propagates."""
+    try:
+        host, port = split_address(address)
+        await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+            lambda: protocol, host, port, ssl=tls,
+            server_hostname=(server_name or host) if tls is not None else None), connect_timeout)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # OSError, timeout, a TLS failure, and e.g. OverflowError for a bad port
+        return f"timed out after {connect_timeout:g} s" if isinstance(exc, TimeoutError) else \
+            (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+    return None
+
+
 class UpstreamConnection(H2Connection):
     """The client side of one HTTP/2 connection to an endpoint."""
 
@@ -61,16 +78,11 @@ class UpstreamConnection(H2Connection):
     async def connect(self) -> None:
         up = self.upstream
         try:
-            host, port = split_address(up.address)
-            await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                lambda: self, host, port, ssl=up.ssl,
-                server_hostname=(up.server_name or host) if up.ssl is not None else None), up.connect_timeout)
+            reason = await open_connection(self, up.address, up.connect_timeout, up.ssl, up.server_name)
         except asyncio.CancelledError:
             self._fail_all(f"connect to {up.address} cancelled")
             raise
-        except Exception as exc:  # OSError, timeout, and e.g. OverflowError for a bad port
-            reason = f"timed out after {up.connect_timeout:g} s" if isinstance(exc, TimeoutError) else \
-                (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+        if reason is not None:
             up.connect_failed(self, reason)
             self._fail_all(f"connect to {up.address} failed: {reason}")
 

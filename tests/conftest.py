@@ -147,6 +147,20 @@ def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPI]:
                     time.sleep(0.05)
 
 
+@pytest.fixture
+async def kube_admin(kube_api: KubeAPI):  # type: ignore[no-untyped-def]
+    """A kubernetes_asyncio ApiClient with the test API server's admin token (closed after the test)."""
+    from kubernetes_asyncio import client, config
+
+    cfg = client.Configuration()
+    await config.load_kube_config(config_file=kube_api.kubeconfig, client_configuration=cfg)
+    api = client.ApiClient(cfg)
+    try:
+        yield api
+    finally:
+        await api.close()
+
+
 # ------------------------------------------------------------------ certificates made at test time (trustme)
 
 

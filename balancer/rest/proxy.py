@@ -247,12 +247,9 @@ class RestCall:
             self.reply_error(404, f"no route for {what} in the balancer")
             return
         self.pool = pool
-        pool.active += 1
-        pool.stats.count(pool.name, "routed")
-        cb = pool.config.circuit_breakers
-        if pool.active > cb.max_requests:
-            pool.stats.count(pool.name, "circuit_open_requests")
-            self.reply_error(503, f"pool '{pool.name}' is over its max_requests ({cb.max_requests})")
+        over = pool.enter()
+        if over is not None:
+            self.reply_error(503, over)
             return
         now = proxy.clock.now()
         if pool.config.timeout is not None:
@@ -377,9 +374,7 @@ class RestCall:
                          backoff_delay=backoff(self.tries, cfg.retry, proxy.rng),
                          retries_in_flight=pool.active_retries, max_retries=cfg.circuit_breakers.max_retries,
                          budget_available=pool.budget.available())
-        pool.stats.count(pool.name, d.counter)
-        if d.counter == "retry_budget_exhausted":
-            pool.budget.exhausted += 1
+        pool.count_retry_decision(d.counter)
         return d
 
     def go(self, d: RetryDecision) -> None:

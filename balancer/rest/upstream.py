@@ -17,7 +17,7 @@ from typing import Protocol, cast
 
 import httptools
 
-from modelyard.balancer.upstream import BACKOFF_MAX, BACKOFF_MIN, split_address
+from modelyard.balancer.upstream import BACKOFF_MAX, BACKOFF_MIN, open_connection
 
 
 class ResponseHandler(Protocol):
@@ -66,16 +66,11 @@ class HttpConnection(asyncio.Protocol):
     async def connect(self) -> None:
         up = self.upstream
         try:
-            host, port = split_address(up.address)
-            await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                lambda: self, host, port, ssl=up.ssl,
-                server_hostname=(up.server_name or host) if up.ssl is not None else None), up.connect_timeout)
+            reason = await open_connection(self, up.address, up.connect_timeout, up.ssl, up.server_name)
         except asyncio.CancelledError:
             self._lost(f"connect to {up.address} cancelled")
             raise
-        except Exception as exc:  # OSError, timeout, a bad port
-            reason = f"timed out after {up.connect_timeout:g} s" if isinstance(exc, TimeoutError) else \
-                (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+        if reason is not None:
             up.connect_failed(reason)
             self._lost(f"connect to {up.address} failed: {reason}")
 

@@ -74,14 +74,8 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: 
 
 
 @pytest.fixture
-async def admin(kube_api: Any) -> AsyncIterator[client.ApiClient]:
-    cfg = client.Configuration()
-    await config.load_kube_config(config_file=kube_api.kubeconfig, client_configuration=cfg)
-    api = client.ApiClient(cfg)
-    try:
-        yield api
-    finally:
-        await api.close()
+def admin(kube_admin: client.ApiClient) -> client.ApiClient:
+    return kube_admin
 
 
 @pytest.fixture

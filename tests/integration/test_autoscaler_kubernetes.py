@@ -19,7 +19,7 @@ from aiohttp import web
 
 pytest.importorskip("kubernetes_asyncio")
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 
 from modelyard.autoscaler.actuators.kubernetes import MAX_ANNOTATION, KubernetesActuator, KubernetesConfig
 
@@ -35,14 +35,8 @@ async def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str =
 
 
 @pytest.fixture
-async def admin(kube_api: Any) -> AsyncIterator[client.ApiClient]:
-    cfg = client.Configuration()
-    await config.load_kube_config(config_file=kube_api.kubeconfig, client_configuration=cfg)
-    api = client.ApiClient(cfg)
-    try:
-        yield api
-    finally:
-        await api.close()
+def admin(kube_admin: client.ApiClient) -> client.ApiClient:
+    return kube_admin
 
 
 @pytest.fixture

