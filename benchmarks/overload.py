@@ -10,7 +10,10 @@ a real client sets), whatever the answers do:
 
 - ``none``: ``--max-inflight 0``, no queue bound: requests queue without limit;
 - ``max_inflight``: ``--max-inflight N`` (default 8): one more is refused at once;
-- ``max_queue_ms``: ``--max-queue-ms Q`` (default 50): a request not started within Q ms is refused.
+- ``max_queue_ms``: ``--max-queue-ms Q`` (default 50): a request not started within Q ms is refused;
+- ``balancer_none``: ``modelyard balance`` in front of the ``none`` server (default circuit breakers);
+- ``balancer_max_requests``: the same with ``circuit_breakers.max_requests: N`` (the ``--max-inflight``
+  bound): the balancer sheds (RESOURCE_EXHAUSTED at once) before the replica's queue grows.
 
 Reported per configuration and load: goodput (OK answers within ``--slo-ms`` per second of sending),
 all OK answers per second (late ones too), refusals (RESOURCE_EXHAUSTED), deadline failures, p50/p99
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 import textwrap
@@ -35,7 +39,7 @@ from report import RESULTS, print_table, write_json
 
 from modelyard.clients.aio import AsyncInferenceClient
 from modelyard.clients.bench import Segment, run_bench, run_open_loop
-from modelyard.launcher import ServerProcess
+from modelyard.launcher import BalancerProcess, ServerProcess
 from modelyard.percentiles import percentile
 
 MODEL = textwrap.dedent('''
@@ -149,13 +153,25 @@ def main() -> int:
         "none": ["--max-inflight", "0"],
         "max_inflight": ["--max-inflight", str(args.max_inflight)],
         "max_queue_ms": ["--max-inflight", "0", "--max-queue-ms", f"{args.max_queue_ms:g}"],
+        "balancer_none": ["--max-inflight", "0"],
+        "balancer_max_requests": ["--max-inflight", "0"],
     }
+    #: the balancer's circuit breaker per configuration (a balancer in front of the server when present)
+    breakers = {"balancer_none": {}, "balancer_max_requests": {"max_requests": args.max_inflight}}
     loads = [float(x) for x in args.loads.split(",")]
     results: list[dict[str, Any]] = []
     cap = 0.0
     for name, flags in configs.items():
-        with ServerProcess(["--model-repository", str(repo), "--log-level", "warning", *flags], name=name) as srv:
+        with contextlib.ExitStack() as stack:
+            srv = stack.enter_context(ServerProcess(["--model-repository", str(repo), "--log-level", "warning",
+                                                     *flags], name=name))
             url = srv.grpc_url
+            if name in breakers:
+                bal = stack.enter_context(BalancerProcess(config={
+                    "listeners": [{"address": "127.0.0.1:0"}], "admin": {"address": "127.0.0.1:0"},
+                    "pools": {"default": {"endpoints": {"static": [srv.grpc_url]},
+                                          "circuit_breakers": breakers[name]}}}))
+                url = f"127.0.0.1:{bal.port}"
             if not cap:
                 cap = asyncio.run(capacity(url, 5.0))
                 print(f"capacity: {cap:.1f} requests/s (service {args.service_ms:g} ms, 1 instance)")

@@ -7,7 +7,7 @@ from typing import Any
 
 from modelyard.balancer.endpoint import Endpoint, Entry, Outcome, Snapshot
 from modelyard.balancer.pickers.base import BasePicker
-from modelyard.balancer.pickers.p2c import pick_two
+from modelyard.balancer.pickers.p2c import pick_best
 
 
 class LatencyPicker(BasePicker):
@@ -19,11 +19,18 @@ class LatencyPicker(BasePicker):
     looks slow, not fast.
     """
 
+    #: endpoints compared per pick (power of d choices)
+    choices = 2
+
     def __init__(self, tau: float = 10.0, rtt_prior: float = 0.005, failure_penalty: float = 0.5,
-                 **kw: object) -> None:
+                 choices: int | None = None, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         if tau <= 0 or rtt_prior <= 0 or failure_penalty < 0:
             raise ValueError("tau and rtt_prior must be > 0, failure_penalty >= 0")
+        if choices is not None:
+            if choices < 2:
+                raise ValueError("choices must be >= 2")
+            self.choices = choices
         self.tau, self.rtt_prior, self.failure_penalty = tau, rtt_prior, failure_penalty
 
     #: the class of the per-endpoint estimator (an endpoint's ``load`` of another class is replaced)
@@ -50,7 +57,7 @@ class LatencyPicker(BasePicker):
             ep = e.endpoint
             return load_of(ep).cost(now, ep.outstanding) / w if w > 0 else float("inf")
 
-        return pick_two(self.candidates(snapshot, exclude), self.rng, cost)
+        return pick_best(self.candidates(snapshot, exclude), self.rng, cost, self.choices)
 
     def on_done(self, endpoint: Endpoint, outcome: Outcome, latency: float, inflight: int = 0) -> None:
         if outcome is Outcome.FAILURE and latency < self.failure_penalty:

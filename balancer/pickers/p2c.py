@@ -1,4 +1,4 @@
-"""Power of two choices: draw two distinct endpoints, keep the cheaper one."""
+"""Power of d choices: draw d distinct endpoints (two by default), keep the cheapest."""
 
 from __future__ import annotations
 
@@ -19,3 +19,21 @@ def pick_two(eps: tuple[Entry, ...], rng: random.Random, cost: Callable[[Entry],
         j += 1
     a, b = eps[i], eps[j]
     return b.endpoint if cost(b) < cost(a) else a.endpoint
+
+
+def pick_best(eps: tuple[Entry, ...], rng: random.Random, cost: Callable[[Entry], float], d: int) -> Endpoint:
+    """The cheapest of ``d`` distinct endpoints drawn at random (all of them when there are no more than
+    ``d``, scanned from a random start so that ties spread); ``d`` = 2 is :func:`pick_two`."""
+    n = len(eps)
+    if d <= 2 or n == 1:
+        return pick_two(eps, rng, cost)
+    drawn = range(n) if n <= d else rng.sample(range(n), d)
+    start = rng.randrange(n) if n <= d else 0
+    best = eps[drawn[start]] if n <= d else eps[drawn[0]]
+    best_cost = cost(best)
+    for k in range(1, len(drawn)):
+        e = eps[drawn[(start + k) % n]] if n <= d else eps[drawn[k]]
+        c = cost(e)
+        if c < best_cost:
+            best, best_cost = e, c
+    return best.endpoint

@@ -303,3 +303,37 @@ def test_least_latency_penalises_fast_failures() -> None:
     for _ in range(5):
         picker.on_done(a, Outcome.FAILURE, 0.0001, 0)
     assert all(picker.pick(snap(a, b)) is b for _ in range(50))
+
+
+def test_power_of_d_choices_compares_every_good_endpoint_beside_a_bad_one() -> None:
+    """With P2C, a pair holding the bad endpoint sends its pick to the other one of the pair whatever its
+    load (a third of the picks in a pool of 3); with d = 3 the cheaper good endpoint always wins."""
+    from modelyard.balancer.endpoint import Entry
+    from modelyard.balancer.pickers.p2c import pick_best, pick_two
+
+    good, busy, bad = eps(3)
+    entries = (Entry(good, 1.0), Entry(busy, 1.0), Entry(bad, 1.0))
+    costs = {good: 1.0, busy: 2.0, bad: 100.0}
+
+    def cost(e: Entry) -> float:
+        return costs[e.endpoint]
+
+    rng = random.Random(7)
+    two = Counter(pick_two(entries, rng, cost) for _ in range(3000))
+    three = Counter(pick_best(entries, rng, cost, 3) for _ in range(3000))
+    assert bad not in two and bad not in three
+    assert 800 < two[busy] < 1200  # the (busy, bad) pair: one pick in three
+    assert three == Counter({good: 3000})
+    # ties spread over the endpoints (the scan starts at a random one), and d < n draws d distinct ones
+    tied = Counter(pick_best(entries, rng, lambda e: 1.0, 3) for _ in range(3000))
+    assert all(800 < tied[e] < 1200 for e in (good, busy, bad))
+    five = tuple(Entry(e, 1.0) for e in eps(5))
+    assert len({pick_best(five, rng, lambda e: 0.0, 3) for _ in range(200)}) == 5
+
+
+def test_least_latency_compares_three_and_takes_choices_as_an_option() -> None:
+    from modelyard.balancer.pickers.least_latency import LeastLatency
+
+    assert LeastLatency().choices == 3 and LeastLatency(choices=2).choices == 2
+    with pytest.raises(ValueError, match="choices"):
+        LeastLatency(choices=1)
