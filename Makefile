@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,dev,demo]'
 	@# xds-protos ships its own, older opentelemetry/proto/* files; when pip unpacks it after opentelemetry-proto
 	@# the OTLP exporter cannot import (InstrumentationScope missing). Put opentelemetry-proto's files back.
-	@$(BIN)/python -c 'from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope' 2>/dev/null \
-	  || $(BIN)/pip install -q --force-reinstall --no-deps \
-	       "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	@otel=$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))' 2>/dev/null); \
+	  if [ -n "$$otel" ] && ! $(BIN)/python -c 'from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope' 2>/dev/null; \
+	  then $(BIN)/pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$otel"; fi
 	touch $@
 
 venv install: $(STAMP)
