@@ -60,6 +60,13 @@ class _Opening:
         self.failed = True
 
 
+def _deadline_passed(deadline: float | None, start: float, now: float) -> bool:
+    """A reset at (or within a tenth of the timeout, 5 ms at least, before) the call's own deadline is
+    the client giving up on time, not a premature reset: a client that queued calls behind
+    max_concurrent_streams opens them close to their deadlines and cancels them soon after."""
+    return deadline is not None and now >= deadline - max(0.005, 0.1 * (deadline - start))
+
+
 class DownstreamConnection(H2Connection):
     """The server side of one client connection."""
 
@@ -284,7 +291,9 @@ class DownstreamConnection(H2Connection):
                 self._bad_stream()  # reset in the read that opened it
             else:
                 start: float | None = getattr(handler, "start", None)
-                if start is not None and self.proxy.clock.now() - start < self.limits.reset_min_age:
+                now = self.proxy.clock.now()
+                if start is not None and now - start < self.limits.reset_min_age \
+                        and not _deadline_passed(getattr(handler, "deadline", None), start, now):
                     self._bad_stream()
 
     def on_stream_error(self, st: Stream) -> None:

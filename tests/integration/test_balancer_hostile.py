@@ -548,6 +548,28 @@ async def test_rapid_reset_ends_with_enhance_your_calm_and_few_streams_reach_the
     assert_good(g)
 
 
+async def test_cancelling_calls_at_their_deadline_is_not_a_rapid_reset(backend: Backend) -> None:
+    """A client that queued calls behind max_concurrent_streams opens them close to their deadlines and
+    resets them as the deadlines pass (grpc does, under overload): not premature resets, however many."""
+    timed = encode(((b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/t.T/Sink"), (b":authority", b"x"),
+                    (b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", b"100m")))
+    async with balancer(backend) as b, good_client(b) as g:
+        async with attacker(b.ports[0]) as a:
+            conn = await connection_of(b, a)
+            sid = 1
+            for _ in range(6):  # 6 x 80 = 480 resets: over reset_limit (250) and half of the streams opened
+                ids = range(sid, sid + 160, 2)
+                sid += 160
+                await a.send(b"".join(h2.frame(h2.HEADERS, h2.END_HEADERS, i, timed)
+                                      + h2.frame(h2.DATA, 0, i, b"\x00\x00\x00\x00\x01r") for i in ids))
+                await asyncio.sleep(0.095)  # just before the balancer's own deadline timer
+                await a.send(b"".join(h2.frame(h2.RST_STREAM, 0, i, h2._U32.pack(h2.CANCEL)) for i in ids))
+                await asyncio.sleep(0.05)
+            assert goaway_code(await a.frames(until=is_goaway, timeout=0.5)) is None
+            assert conn.early_resets < 250, conn.early_resets
+    assert_good(g)
+
+
 async def test_streams_over_the_advertised_limit_are_refused_then_a_connection_error(backend: Backend) -> None:
     streams = b"".join(h2.frame(h2.HEADERS, h2.END_HEADERS, sid, SINK) for sid in range(1, 13, 2))
     async with stingy_upstream() as stingy, balancer(backend, stingy, max_concurrent_streams=4) as b, \
