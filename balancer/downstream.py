@@ -25,6 +25,7 @@ from modelyard.balancer.h2.connection import (
     Stream,
 )
 from modelyard.balancer.h2.hpack import Headers, encode
+from modelyard.security.guard import peer_address
 
 if TYPE_CHECKING:
     from modelyard.balancer.proxy import Proxy
@@ -97,13 +98,12 @@ class DownstreamConnection(H2Connection):
         self._defer = False
         self._idle_mark = -1
         self._idle_was_empty = False
-        #: the client's address (the rate limiter's key for a caller without a token)
+        #: the client's address, host:port (the rate limiter's key, its host, for a caller without a token)
         self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._start_transport(transport)
-        peername = transport.get_extra_info("peername")
-        self.peer = str(peername[0]) if isinstance(peername, tuple) and peername else str(peername or "")
+        self.peer = peer_address(transport.get_extra_info("peername"))
         proxy = self.proxy
         lim = self.limits
         self.write(self._open_frames())

@@ -29,7 +29,7 @@ from modelyard.security.ratelimit import TokenBuckets
 from modelyard.security.tokens import Principal, TokenTable, bearer_token, load_env, parse_document
 
 __all__ = ["ADMIN_OPERATIONS", "Caller", "Guard", "PermissionDenied", "RateLimited", "Refused", "Unauthenticated",
-           "peer_host"]
+           "peer_address", "peer_host"]
 
 log = logging.getLogger("modelyard.security")
 
@@ -115,6 +115,14 @@ class Caller:
             ms = max(1, math.ceil(wait * 1000))
             raise self.guard.RateLimited(f"client '{self.client}' is over its rate limit ({rps:g} requests/s); "
                                          f"retry after {ms} ms", ms)
+
+
+def peer_address(peername: object) -> str:
+    """A socket's ``peername`` as ``host:port`` (``[v6]:port``), the form :func:`peer_host` reads."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host = str(peername[0])
+        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+    return str(peername or "")
 
 
 def peer_host(peer: str) -> str:

@@ -73,6 +73,8 @@ def rest_rule_for(path: str) -> tuple[Rule, str]:
         return HEALTH_RULE, ""
     if path == "/metrics":
         return Rule(METRICS), ""
+    if parts == ["v2", "models", "stats"]:  # every model's statistics (lists are filtered by replicas with auth)
+        return ANY_CALLER, ""
     if parts[:2] == ["v2", "models"] and len(parts) >= 3:
         if parts[-1] == "ready":
             return HEALTH_RULE, parts[2]

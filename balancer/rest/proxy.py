@@ -57,7 +57,7 @@ from modelyard.balancer.retry import RetryDecision, backoff, decide_retry
 from modelyard.balancer.routing import Router
 from modelyard.balancer.tracing import CallTrace, start_call
 from modelyard.clock import MONOTONIC, Clock
-from modelyard.security.guard import Caller, Guard, Refused
+from modelyard.security.guard import Caller, Guard, Refused, peer_address
 from modelyard.security.rules import rest_rule_for
 
 log = logging.getLogger("modelyard.balancer.rest")
@@ -573,9 +573,8 @@ class RestConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        peername = transport.get_extra_info("peername")
-        #: the client's address (the rate limiter's key for a caller without a token)
-        self.peer = str(peername[0]) if isinstance(peername, tuple) and peername else str(peername or "")
+        #: the client's address, host:port (the rate limiter's key, its host, for a caller without a token)
+        self.peer = peer_address(transport.get_extra_info("peername"))
         self.proxy.connections.add(self)
         self.last_progress = self.proxy.loop_time()
         if self.proxy.draining_connections:

@@ -107,6 +107,7 @@ def test_rules_of_rest_paths() -> None:
     assert rest_rule_for("/v2/models/bert/infer")[1] == "bert"
     assert rest_rule_for("/v2/systemsharedmemory/region/r/register")[0].operation == "shared_memory"
     assert rest_rule_for("/v1/chat/completions") == (rule_for("/x/y"), "")
+    assert rest_rule_for("/v2/models/stats") == (rule_for("/x/y"), "")
 
 
 def test_admit_refuses_with_the_right_codes(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -133,3 +134,11 @@ def test_refusal_trailers_carry_the_retry_after_hint() -> None:
     fields = dict(Decoder().decode(block))
     assert fields[b"grpc-status"] == b"8" and fields[b"retry-after-ms"] == b"250"
     assert fields[b":status"] == b"200"
+
+
+def test_peer_addresses_keep_the_whole_host_for_the_rate_limiter() -> None:
+    from modelyard.security.guard import peer_address, peer_host
+
+    assert peer_host(peer_address(("10.0.0.7", 51234))) == "10.0.0.7"
+    assert peer_host(peer_address(("::1", 51234, 0, 0))) == "::1"
+    assert peer_host(peer_address(None)) == ""
