@@ -30,8 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 import time
-from typing import Any
 
 from modelyard import tracing
 from modelyard.balancer.call import Attempt, Call, State
@@ -103,7 +103,7 @@ class Proxy:
         #: tokens, allow lists and rate limits checked before routing (balancer/guard.py); None = off
         self.guard: Guard | None = None
         #: TLS on the listeners (an SSLContext whose certificate follows its files); None = cleartext
-        self.ssl: Any = None
+        self.ssl: ssl.SSLContext | None = None
         for pool in pools.values():
             pool.on_ready = lambda p=pool: self.release_held(p)
 
