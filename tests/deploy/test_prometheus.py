@@ -127,6 +127,21 @@ def test_the_dashboard_queries_recorded_series_and_names_a_datasource_variable()
         assert topic in titles, topic
 
 
+def prometheus_ready(port: int, deadline_s: float = 60.0) -> None:
+    """Until Prometheus says it is ready (its port opens before the TSDB is: queries answer 503 until then)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Prometheus not ready after {deadline_s:g}s")
+        time.sleep(0.2)
+
+
 def query(port: int, expr: str) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     try:
@@ -195,6 +210,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
                         f"--web.listen-address=127.0.0.1:{port}"], ready=port, name="prometheus")
         started.append(prom)
         prom.start()
+        prometheus_ready(port)
         # open loop, bounded in rate and time: enough for every rate() window to hold samples
         traffic = Process(modelyard_argv("bench", "text_embed_demo", "-i", 'TEXT=["hello"]', "--url",
                                          balancer.endpoints.grpc, "--rate", "20", "--duration", "90",
