@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,30 @@ class Attacker:
             self.sock = None
 
 
+@contextlib.asynccontextmanager
+async def attack(port: int, out: Outcome, rcvbuf: int | None = None,
+                 preface: bytes = PREFACE + settings()) -> AsyncIterator[Attacker]:
+    """One attacker connection; what it saw goes into ``out`` when it is done."""
+    a = await Attacker(port, rcvbuf).open(preface)
+    try:
+        yield a
+    finally:
+        out.add(a)
+        a.close()
+
+
+@contextlib.asynccontextmanager
+async def reading(a: Attacker, seconds: float, until_goaway: bool = True) -> AsyncIterator[None]:
+    """``a`` reads (and counts) what comes back in the background while the body sends."""
+    task = asyncio.ensure_future(a.read(seconds, until_goaway))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class Outcome:
     """What the attacker saw over all its connections."""
 
@@ -219,16 +243,12 @@ class Outcome:
 
 async def flood_noread(port: int, out: Outcome, unit: bytes, total: int) -> None:
     """Control frames into a connection that never reads (tiny receive buffer) until the target stops reading."""
-    a = await Attacker(port, rcvbuf=4096).open()
-    try:
+    async with attack(port, out, rcvbuf=4096) as a:
         sent, t0 = 0, time.monotonic()
         while sent < total and time.monotonic() - t0 < 6 and await a.send(unit * 2000, stall=0.5):
             sent += 2000
         out.notes.append(f"{sent // 1000}k sent" if sent < total else "all sent")
         await a.read(3.0)  # now read: is there a GOAWAY behind the ACKs?
-    finally:
-        out.add(a)
-        a.close()
 
 
 async def ping_flood_noread(port: int, out: Outcome) -> None:
@@ -241,25 +261,16 @@ async def settings_flood_noread(port: int, out: Outcome) -> None:
 
 async def ping_flood_reading(port: int, out: Outcome) -> None:
     """PINGs as fast as the target takes them, reading the ACKs (CPU only), for 4 s."""
-    a = await Attacker(port).open()
-    reader = asyncio.ensure_future(a.read(5.0))
-    try:
+    async with attack(port, out) as a, reading(a, 5.0):
         sent, t0 = 0, time.monotonic()
         while time.monotonic() - t0 < 4 and await a.send(frame(PING, 0, 0, b"12345678") * 1000, stall=1.0):
             sent += 1000
         out.notes.append(f"{sent} sent")
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        out.add(a)
-        a.close()
 
 
 async def data_over_window(port: int, out: Outcome) -> None:
     """128 MiB of DATA on one stream, never waiting for WINDOW_UPDATE, never reading the echo."""
-    a = await Attacker(port, rcvbuf=4096).open()
-    try:
+    async with attack(port, out, rcvbuf=4096) as a:
         await a.send(frame(HEADERS, END_HEADERS, 1, request_block(STREAM)))
         chunk = frame(DATA, 0, 1, b"\x00" * 16384) * 64  # 1 MiB
         sent, t0 = 0, time.monotonic()
@@ -267,36 +278,27 @@ async def data_over_window(port: int, out: Outcome) -> None:
             sent += 1
         out.notes.append(f"{sent} MiB sent")
         await a.read(2.0)
-    finally:
-        out.add(a)
-        a.close()
 
 
 async def big_header_values(port: int, out: Outcome) -> None:
     """1200 requests, one distinct 50 KB header value each, over 4 connections (read as answered)."""
     async def conn(k: int) -> None:
-        a = await Attacker(port).open()
-        reader = asyncio.ensure_future(a.read(30.0, until_goaway=False))
-        try:
-            for i in range(300):
-                sid = 2 * i + 1
-                block = request_block(INFER, lit(b"x-big", b"%d-%06d" % (k, i) + b"v" * 50_000))
-                parts = [block[j:j + 16384] for j in range(0, len(block), 16384)]
-                data = frame(HEADERS, 0, sid, parts[0])
-                for m, p in enumerate(parts[1:], 1):
-                    data += frame(CONTINUATION, END_HEADERS if m == len(parts) - 1 else 0, sid, p)
-                data += frame(DATA, END_STREAM, sid, grpc_msg(payload()))
-                if not await a.send(data, stall=2.0):
-                    break
-                if i % 30 == 29:
-                    await asyncio.sleep(0.02)
-        finally:
-            await asyncio.sleep(0.5)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-            out.add(a)
-            a.close()
+        async with attack(port, out) as a, reading(a, 30.0, until_goaway=False):
+            try:
+                for i in range(300):
+                    sid = 2 * i + 1
+                    block = request_block(INFER, lit(b"x-big", b"%d-%06d" % (k, i) + b"v" * 50_000))
+                    parts = [block[j:j + 16384] for j in range(0, len(block), 16384)]
+                    data = frame(HEADERS, 0, sid, parts[0])
+                    for m, p in enumerate(parts[1:], 1):
+                        data += frame(CONTINUATION, END_HEADERS if m == len(parts) - 1 else 0, sid, p)
+                    data += frame(DATA, END_STREAM, sid, grpc_msg(payload()))
+                    if not await a.send(data, stall=2.0):
+                        break
+                    if i % 30 == 29:
+                        await asyncio.sleep(0.02)
+            finally:
+                await asyncio.sleep(0.5)
 
     await asyncio.gather(*(conn(k) for k in range(4)))
 
@@ -307,21 +309,16 @@ async def size_update_blocks(port: int, out: Outcome) -> None:
     pace = Pace()
     for _ in range(20):
         await pace.next()
-        a = await Attacker(port).open()
-        try:
+        async with attack(port, out) as a:
             data = frame(HEADERS, 0, 1, upd) + b"".join(frame(CONTINUATION, END_HEADERS if i == 63 else 0, 1, upd)
                                                         for i in range(64))
             await a.send(data, stall=1.0)
             await a.read(2.0)
-        finally:
-            out.add(a)
-            a.close()
 
 
 async def continuation_flood(port: int, out: Outcome) -> None:
     """500,000 empty CONTINUATION frames after one HEADERS without END_HEADERS."""
-    a = await Attacker(port).open()
-    try:
+    async with attack(port, out) as a:
         await a.send(frame(HEADERS, 0, 1, request_block(INFER)[:4]))
         sent, t0 = 0, time.monotonic()
         while sent < 500_000 and time.monotonic() - t0 < 5 and await a.send(frame(CONTINUATION, 0, 1) * 10_000,
@@ -329,9 +326,6 @@ async def continuation_flood(port: int, out: Outcome) -> None:
             sent += 10_000
         out.notes.append(f"{sent} sent")
         await a.read(2.0)
-    finally:
-        out.add(a)
-        a.close()
 
 
 BAD_FRAMES = {
@@ -363,13 +357,9 @@ async def frame_errors(port: int, out: Outcome) -> None:
 
     async def one(data: bytes) -> None:
         await pace.next()
-        a = await Attacker(port).open()
-        try:
+        async with attack(port, out) as a:
             await a.send(data)
             await a.read(2.0)
-        finally:
-            out.add(a)
-            a.close()
 
     for data in BAD_FRAMES.values():
         for _ in range(10):
@@ -381,36 +371,28 @@ async def rapid_reset(port: int, out: Outcome) -> None:
     body = frame(DATA, END_STREAM, 0, grpc_msg(payload()))[9:]
     block = request_block(INFER)
     for _ in range(4):
-        a = await Attacker(port).open()
-        try:
+        async with attack(port, out) as a:
             data = b"".join(frame(HEADERS, END_HEADERS, sid, block) + frame(DATA, END_STREAM, sid, body)
                             + frame(RST_STREAM, 0, sid, struct.pack(">I", 8)) for sid in range(1, 50_000, 2))
             ok = await a.send(data, stall=2.0)
             await a.read(3.0)
             if ok and a.goaway is None:
                 out.notes.append("all 25,000 accepted")
-        finally:
-            out.add(a)
-            a.close()
 
 
 async def stream_flood(port: int, out: Outcome) -> None:
     """10,000 streams opened and left open (HEADERS, no END_STREAM) on one connection."""
-    a = await Attacker(port).open()
-    try:
+    async with attack(port, out) as a:
         block = request_block(STREAM)
         await a.send(b"".join(frame(HEADERS, END_HEADERS, sid, block) for sid in range(1, 20_000, 2)), stall=2.0)
         await a.read(3.0, until_goaway=False)
-    finally:
-        out.add(a)
-        a.close()
 
 
 async def slow_reader_big_responses(port: int, out: Outcome) -> None:
     """64 unary calls of 1 MiB each (echoed back), with every window wide open, never reading a byte."""
-    a = await Attacker(port, rcvbuf=4096).open(PREFACE + settings(initial_window=(1 << 31) - 1)
-                                               + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 31) - 1 - 65535)))
-    try:
+    async with attack(port, out, rcvbuf=4096,
+                      preface=PREFACE + settings(initial_window=(1 << 31) - 1)
+                      + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 31) - 1 - 65535))) as a:
         msg = grpc_msg(b"\x00" * (MiB - 5))
         block = request_block(INFER)
         for i in range(64):
@@ -422,9 +404,6 @@ async def slow_reader_big_responses(port: int, out: Outcome) -> None:
                 out.notes.append(f"target stopped reading after {i} calls")
                 break
         await asyncio.sleep(3.0)  # responses pile up toward a client that reads nothing
-    finally:
-        out.add(a)
-        a.close()
 
 
 async def idle_connections(port: int, out: Outcome) -> None:
