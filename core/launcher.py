@@ -14,8 +14,10 @@ the tests, the benchmarks and the autoscaler's local actuator all start processe
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
+import inspect
 import os
 import queue
 import shutil
@@ -28,7 +30,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -90,6 +92,22 @@ def find_tool(name: str) -> str | None:
     """An executable installed into this Python's environment (a PyPI wheel's ``bin/``), else on PATH."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else shutil.which(name)
+
+
+async def until(predicate: Callable[[], Any], timeout: float, what: str = "condition",  # noqa: ASYNC109
+                interval: float = 0.05) -> None:
+    """Poll ``predicate`` (a plain or an async function) until it is true; AssertionError naming
+    ``what`` once ``timeout`` seconds pass. What tests wait on, instead of sleeping blind."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def grpcurl_path() -> str:

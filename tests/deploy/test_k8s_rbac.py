@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from modelyard.autoscaler.actuators.kubernetes import KubernetesActuator
 from modelyard.autoscaler.config import AutoscaleConfig
 from modelyard.config import load
+from modelyard.launcher import until
 
 pytestmark = pytest.mark.slow
 
@@ -63,14 +64,6 @@ async def forbidden(call: Awaitable[Any]) -> None:
     with pytest.raises(ApiException) as refused:
         await call
     assert refused.value.status == 403, refused.value
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

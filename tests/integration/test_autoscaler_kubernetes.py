@@ -10,7 +10,8 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,12 @@ pytest.importorskip("kubernetes_asyncio")
 from kubernetes_asyncio import client
 
 from modelyard.autoscaler.actuators.kubernetes import MAX_ANNOTATION, KubernetesActuator, KubernetesConfig
+from modelyard.launcher import until as launcher_until
 
 pytestmark = pytest.mark.slow
 
 
-async def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+until = partial(launcher_until, timeout=20.0)
 
 
 @pytest.fixture

@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from modelyard.autoscaler.actuators.local import LocalActuator, LocalConfig
 from modelyard.launcher import BalancerProcess
+from modelyard.launcher import until as launcher_until
 from modelyard.protos import grpc_service_pb2 as pb
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-async def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+until = partial(launcher_until, timeout=30.0)
 
 
 def exited_or_zombie(pid: int) -> bool:

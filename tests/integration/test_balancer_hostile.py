@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ from modelyard.balancer.config import config_from_dict
 from modelyard.balancer.h2 import connection as h2
 from modelyard.balancer.h2 import hpack
 from modelyard.balancer.h2.hpack import encode
+from modelyard.launcher import until as launcher_until
 
 Frame = tuple[int, int, int, bytes]
 
@@ -282,12 +284,7 @@ def rst_codes(frames: list[Frame]) -> dict[int, int]:
     return {sid: int.from_bytes(p, "big") for t, _, sid, p in frames if t == h2.RST_STREAM}
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+until = partial(launcher_until, timeout=10.0, interval=0.02)
 
 
 def assert_good(g: GoodClient, at_least: int = 5) -> None:

@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from modelyard.balancer.app import Balancer
 from modelyard.balancer.config import config_from_dict
 from modelyard.launcher import Process, free_port
+from modelyard.launcher import until as launcher_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ECHO = ROOT / "benchmarks" / "echo.py"
@@ -117,12 +119,7 @@ async def channel(b: Balancer) -> AsyncIterator[grpc.aio.Channel]:
         await ch.close()
 
 
-async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+until = partial(launcher_until, timeout=10.0, interval=0.02)
 
 
 @pytest.fixture
