@@ -46,6 +46,9 @@ RULES: dict[str, Rule] = {
     "SystemSharedMemoryRegister": Rule(SERVER, "", 0, "shared_memory"),
     "SystemSharedMemoryUnregister": Rule(SERVER, "", 0, "shared_memory"),
     "SystemSharedMemoryStatus": Rule(SERVER, "", 0, "shared_memory"),
+    "CudaSharedMemoryRegister": Rule(SERVER, "", 0, "shared_memory"),
+    "CudaSharedMemoryUnregister": Rule(SERVER, "", 0, "shared_memory"),
+    "CudaSharedMemoryStatus": Rule(SERVER, "", 0, "shared_memory"),
 }
 
 

@@ -124,7 +124,7 @@ class ModelExecutionError(ModelyardError):
 
 
 class Unsupported(ModelyardError):
-    """A protocol feature modelyard does not implement (CUDA shared memory, tracing, log settings)."""
+    """A protocol feature modelyard does not implement (tracing, log settings)."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
     http = 501

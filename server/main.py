@@ -191,7 +191,7 @@ class ModelServer:
             if watcher is not None:
                 await asyncio.to_thread(watcher.close)
         await self.repository.close()
-        self.shm.close()
+        await asyncio.to_thread(self.shm.close)  # CUDA regions: cudaIpcCloseMemHandle blocks
         log.info("modelyard stopped")
 
     async def _refuse_new_calls(self, limit: float) -> None:

@@ -22,7 +22,9 @@ from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model_config import ModelConfig
 from modelyard.server.scheduling.batcher import DynamicBatcher
 from modelyard.server.scheduling.cache import CachedInfer, ResponseCache
+from modelyard.server.scheduling.ensemble import EnsembleScheduler, Resolve
 from modelyard.server.scheduling.scheduler import BatchObserver, DirectScheduler, Scheduler
+from modelyard.server.scheduling.sequence import WARMUP_ID, SequenceBatcher
 from modelyard.server.stats import ModelStats
 from modelyard.server.types import InferRequest, InferResponse
 from modelyard.server.validation import validate_request
@@ -34,10 +36,18 @@ log = logging.getLogger("modelyard.server")
 LOADING, READY, UNLOADING, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "UNAVAILABLE"
 
 
-def build_scheduler(cfg: ModelConfig, pool: InstancePool, observer: BatchObserver) -> Scheduler:
-    """The scheduler a config asks for (dynamic batching when configured)."""
+def build_scheduler(cfg: ModelConfig, pool: InstancePool | None, observer: BatchObserver,
+                    resolve: Resolve | None = None) -> Scheduler:
+    """The scheduler a config asks for (dynamic batching when configured; an ensemble's steps on their models)."""
+    if cfg.ensemble_scheduling is not None:
+        if resolve is None:
+            raise ModelNotReady(f"ensemble '{cfg.name}' needs a repository to find its steps' models")
+        return EnsembleScheduler(cfg, resolve, observer)
+    assert pool is not None
     if cfg.dynamic_batching is not None:
         return DynamicBatcher(cfg, pool, observer)
+    if cfg.sequence_batching is not None:
+        return SequenceBatcher(cfg, pool, observer)
     return DirectScheduler(pool, observer)
 
 
@@ -95,8 +105,10 @@ class ModelVersion:
     """One version of one model, from LOADING to READY to UNAVAILABLE."""
 
     def __init__(self, config: ModelConfig, version: str, path: Path, metrics: ServerMetrics,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, resolve: Resolve | None = None) -> None:
         self.config = config
+        #: how an ensemble finds its steps' models when a request runs (the repository's ``get``)
+        self.resolve = resolve
         #: the server-wide in-flight bound and queue-time bound (None: none)
         self.admission = admission
         self.name = config.name
@@ -129,9 +141,10 @@ class ModelVersion:
         t0 = time.perf_counter()
         m = self.metrics
         try:
-            self.pool = await build_instances(self.config, self.version, self.path,
-                                              lambda i: m.instance_busy.labels(self.name, self.version, str(i)).inc)
-            scheduler = self.scheduler = build_scheduler(self.config, self.pool, self._observe_batch)
+            if self.config.ensemble_scheduling is None:  # an ensemble has no instances: its steps' models do
+                self.pool = await build_instances(self.config, self.version, self.path,
+                                                  lambda i: m.instance_busy.labels(self.name, self.version, str(i)).inc)
+            scheduler = self.scheduler = build_scheduler(self.config, self.pool, self._observe_batch, self.resolve)
             self._compute = scheduler.infer
             cfg = self.config
             # decoupled models answer with a stream: nothing single to cache
@@ -153,8 +166,12 @@ class ModelVersion:
         m.warmup_seconds.labels(*self._labels).set(warm_s)
         self.state = READY
         m.model_ready.labels(*self._labels).set(1)
-        log.info("model %s version %s READY (load %.3fs, warmup %.3fs, %d instance(s) on %s)",
-                 self.name, self.version, load_s, warm_s, len(self.pool.instances), ",".join(devices_of(self.pool)))
+        if self.pool is None:
+            log.info("ensemble %s version %s READY (load %.3fs, warmup %.3fs, steps: %s)", self.name, self.version,
+                     load_s, warm_s, ", ".join(s.model_name for s in self.config.ensemble_scheduling.step))  # type: ignore[union-attr]
+        else:
+            log.info("model %s version %s READY (load %.3fs, warmup %.3fs, %d instance(s) on %s)", self.name,
+                     self.version, load_s, warm_s, len(self.pool.instances), ",".join(devices_of(self.pool)))
 
     async def _warmup(self) -> None:
         assert self.scheduler is not None
@@ -163,6 +180,8 @@ class ModelVersion:
             # building samples may read files and generate data: not on the loop
             reqs = await loop.run_in_executor(None, warmup_requests, self.config, sample, self.path, self.version)
             for req in reqs:
+                if self.config.sequence_batching is not None:  # each warmup request a sequence of its own
+                    req.parameters.update(sequence_id=WARMUP_ID, sequence_start=True, sequence_end=True)
                 if self.config.decoupled:
                     async for _ in self.scheduler.stream(req):
                         pass

@@ -8,7 +8,10 @@ requests first: a reload never drops a request, and other models are untouched.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +21,36 @@ from modelyard.server.admission import Admission
 from modelyard.server.errors import (
     ConfigError,
     InvalidInput,
+    LoadFailed,
     ModelNotFound,
-    ModelNotReady,
+    ModelyardError,
     as_modelyard_error,
+    failed_to_load,
+    model_version,
+    no_available_versions,
+    unknown_model,
+    unknown_version,
 )
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model import READY, UNAVAILABLE, ModelVersion
-from modelyard.server.model_config import ModelConfig, TensorSpec, VersionPolicy, load_config
+from modelyard.server.model_config import ModelConfig, TensorSpec, VersionPolicy, dependencies, load_config
+from modelyard.server.scheduling.ensemble import check_composition
 
 log = logging.getLogger("modelyard.server")
+
+#: the ensembles whose loads are waiting on this one (an ensemble loads its missing steps' models first)
+_loading: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("modelyard_loading", default=())
+
+
+@dataclass(slots=True)
+class Override:
+    """What a load request puts in place of the repository's own files, for that load (Triton's load parameters)."""
+
+    #: used instead of config.yaml (None: the repository's)
+    config: ModelConfig | None = None
+    #: a private directory (``file:`` parameters) used instead of ``<root>/<model>``; the repository owns it
+    #: from then on and removes it when the model is unloaded or reloaded
+    directory: Path | None = None
 
 
 @dataclass(slots=True)
@@ -69,6 +93,8 @@ class ModelRepository:
         self.configs: dict[str, ModelConfig] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[str], None]] = []
+        #: model name -> the private directory (``file:`` override) its loaded versions come from
+        self._private: dict[str, Path] = {}
 
     # ------------------------------------------------------------------ disk
     def model_dir(self, name: str) -> Path:
@@ -105,37 +131,49 @@ class ModelRepository:
     async def load_all(self, names: list[str] | None = None) -> dict[str, str]:
         """Load ``names`` (default: every model on disk); returns failures by name."""
         failures: dict[str, str] = {}
+        before = set(self.models)
         for name in names if names is not None else self.discover():
+            if name in self.models and name not in before:
+                continue  # loaded in this call already, as the step of an ensemble
             try:
                 await self.load(name)
             except Exception as exc:
                 failures[name] = str(exc)
         return failures
 
-    async def load(self, name: str) -> None:
-        """Load or reload ``name``: new versions ready first, then the swap, then old ones drained."""
+    async def load(self, name: str, override: Override | None = None) -> None:
+        """Load or reload ``name``: new versions ready first, then the swap, then old ones drained.
+        ``override``: a load request's config and / or private directory instead of the repository's."""
         path = self.model_dir(name)
-        if not path.is_dir():  # before the lock: made-up names must not grow _locks
-            raise ModelNotFound(f"model '{name}' not found in repository {self.root}")
+        private = override.directory if override is not None else None
+        if private is not None:
+            path = private
+        elif not path.is_dir():  # before the lock: made-up names must not grow _locks
+            raise failed_to_load(name, f"no model directory '{name}' in the model repository", ModelNotFound)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
+            loading = ""  # the version being loaded, for the error
             try:
-                cfg = load_config(path)
+                cfg = override.config if override is not None and override.config is not None else load_config(path)
+                await self._load_steps(cfg)
                 on_disk = [int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0]
                 versions = select_versions(on_disk, cfg.version_policy)
                 if not versions:
-                    raise ConfigError(["no version directory matches version_policy (expected <model>/<N>/)"], str(path))
+                    raise ConfigError(["no version directory matches version_policy (expected <model>/<N>/)"], name)
                 fresh: dict[str, ModelVersion] = {}
                 try:
                     for v in versions:
-                        mv = ModelVersion(cfg, str(v), path / str(v), self.metrics, self.admission)
+                        loading = str(v)
+                        mv = ModelVersion(cfg, str(v), path / str(v), self.metrics, self.admission, resolve=self.get)
                         fresh[str(v)] = mv
                         await mv.load()
                 except BaseException:
                     await asyncio.gather(*(mv.unload(0) for mv in fresh.values() if mv.state == READY))
                     raise
             except Exception as exc:
-                err = as_modelyard_error(exc)
+                if private is not None:
+                    await asyncio.to_thread(shutil.rmtree, private, True)
+                err = self._load_error(name, loading, exc, private)
                 self.failed[name] = err.message
                 log.error("model %s failed to load: %s", name, err.message)
                 self._changed(name)
@@ -144,51 +182,118 @@ class ModelRepository:
             self.models[name] = fresh
             self.configs[name] = cfg
             self.failed.pop(name, None)
+            stale = self._adopt(name, private)
             self._changed(name)
         if old:
             await asyncio.gather(*(mv.unload(self.unload_grace) for mv in old.values()))
+        if stale is not None:
+            await asyncio.to_thread(shutil.rmtree, stale, True)
 
-    async def unload(self, name: str) -> None:
-        """Unload every version of ``name``; in-flight requests finish first."""
+    def _adopt(self, name: str, private: Path | None) -> Path | None:
+        """Record the private directory ``name`` now loads from; returns the one it replaces (to remove)."""
+        stale = self._private.pop(name, None)
+        if private is not None:
+            self._private[name] = private
+        return stale if stale != private else None
+
+    def _load_error(self, name: str, version: str, exc: Exception, private: Path | None) -> ModelyardError:
+        """What a client is told about a failed load: Triton's wording, and no path of this server's disk."""
+        if isinstance(exc, ConfigError):  # the config (or the version directories): Triton's "failed to poll"
+            source = self.public_text(exc.source, private, name)
+            return failed_to_load(name, self.public_text(ConfigError(exc.errors, source).message, private, name))
+        if isinstance(exc, ModelyardError) and exc.message.startswith(("failed to load '", "load failed for model '")):
+            return exc
+        reason = self.public_text(as_modelyard_error(exc).message, private, name)
+        if not version:
+            return failed_to_load(name, reason)
+        return LoadFailed(f"load failed for model '{name}': version {version} is at UNAVAILABLE state: {reason};")
+
+    def public_text(self, text: str, private: Path | None = None, name: str = "") -> str:
+        """``text`` with this server's directories written relative to the repository (clients never see
+        an absolute server path)."""
+        if private is not None:
+            text = text.replace(str(private), name)
+        root = str(self.root)
+        return text.replace(root + os.sep, "").replace(root, "<model repository>")
+
+    async def _load_steps(self, cfg: ModelConfig) -> None:
+        """An ensemble's steps' models: load those not loaded yet (as Triton does), then check the ensemble
+        against their configs."""
+        steps = dependencies(cfg)
+        if not steps:
+            return
+        chain = (*_loading.get(), cfg.name)
+        token = _loading.set(chain)
+        try:
+            for step in steps:
+                if step in chain:
+                    raise ConfigError([f"ensemble_scheduling: ensembles form a cycle: {' -> '.join((*chain, step))}"],
+                                      f"ensemble {cfg.name!r}")
+                if step not in self.models:
+                    try:
+                        await self.load(step)
+                    except Exception as exc:
+                        raise ConfigError([f"ensemble_scheduling: step model {step!r} failed to load: "
+                                           f"{as_modelyard_error(exc).message}"], f"ensemble {cfg.name!r}") from None
+        finally:
+            _loading.reset(token)
+        check_composition(cfg, self.configs)
+
+    async def unload(self, name: str, *, unload_dependents: bool = False) -> None:
+        """Unload every version of ``name``; in-flight requests finish first. A model that is not loaded
+        is no error (as in Triton). ``unload_dependents``: the models it was composed of (an ensemble's
+        steps) too, those no other loaded model still uses."""
         self.model_dir(name)
-        if name not in self.models:
-            raise ModelNotFound(f"model '{name}' is not loaded")
+        if name not in self.models and name not in self.failed:
+            return  # nothing loaded (made-up names must not grow _locks)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             old = self.models.pop(name, None)
-            self.configs.pop(name, None)
-            self.failed.pop(name, None)
-            if old is None:
-                raise ModelNotFound(f"model '{name}' is not loaded")
-            for mv in old.values():
+            cfg = self.configs.pop(name, None)
+            failed = self.failed.pop(name, None)
+            private = self._private.pop(name, None)
+            for mv in (old or {}).values():
                 mv.state = "UNLOADING"
-            self._changed(name)
-        await asyncio.gather(*(mv.unload(self.unload_grace) for mv in old.values()))
+            if old is not None or failed is not None:
+                self._changed(name)
+        if old:
+            await asyncio.gather(*(mv.unload(self.unload_grace) for mv in old.values()))
+        if private is not None:
+            await asyncio.to_thread(shutil.rmtree, private, True)
+        if unload_dependents and cfg is not None:
+            for step in dependencies(cfg):
+                if not any(step in dependencies(other) for other in self.configs.values()):
+                    await self.unload(step, unload_dependents=True)
 
     async def close(self) -> None:
         """Unload everything (server shutdown)."""
         models, self.models = self.models, {}
         await asyncio.gather(*(mv.unload(self.unload_grace) for vs in models.values() for mv in vs.values()))
+        private, self._private = self._private, {}
+        for path in private.values():
+            await asyncio.to_thread(shutil.rmtree, path, True)
 
     # ------------------------------------------------------------------ lookup
     def versions(self, name: str) -> dict[str, ModelVersion]:
         versions = self.models.get(name)
         if versions is None:
             if name in self.failed:
-                raise ModelNotReady(f"model '{name}' failed to load: {self.failed[name]}")
-            raise ModelNotFound(f"unknown model '{name}'")
+                raise no_available_versions(name, self.failed[name])
+            raise unknown_model(name)
         return versions
 
     def get(self, name: str, version: str = "") -> ModelVersion:
-        """The version asked for, or the highest loaded one when ``version`` is empty."""
+        """The version asked for, or the highest loaded one when ``version`` is empty (Triton's errors:
+        an unparsable version is INVALID_ARGUMENT, checked before the model)."""
+        number = model_version(version)
         versions = self.versions(name)
-        if version:
-            mv = versions.get(version)
+        if number is not None:
+            mv = versions.get(str(number))
             if mv is None:
-                raise ModelNotFound(f"unknown version '{version}' of model '{name}'; loaded: {sorted(versions, key=int)}")
+                raise unknown_version(name, number)
             return mv
         if not versions:
-            raise ModelNotReady(f"model '{name}' has no loaded version")
+            raise no_available_versions(name)
         return versions[max(versions, key=int)]
 
     def metadata(self, name: str, version: str = "") -> dict[str, Any]:

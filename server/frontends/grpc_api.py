@@ -34,7 +34,7 @@ from modelyard.server.guard import CALLER, SERVER, Guard, visible
 from modelyard.server.model import ModelVersion
 from modelyard.server.model_config import to_proto
 from modelyard.server.repository import ModelRepository
-from modelyard.server.shared_memory import SharedMemoryRegistry
+from modelyard.server.shared_memory import CUDA, SYSTEM, SharedMemoryRegistry
 from modelyard.server.tracing import enter_grpc, exit_grpc
 from modelyard.server.types import InferRequest
 
@@ -46,7 +46,7 @@ STREAM_MAX_INFLIGHT = 64
 STREAM_MAX_BUFFERED = 256
 
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "binary_tensor_data",
-              "system_shared_memory"]
+              "system_shared_memory", "cuda_shared_memory"]
 
 T = TypeVar("T")
 
@@ -239,30 +239,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(handlers):
                 task.cancel()
 
-    # --------------------------------------------------------------- system shared memory
+    # --------------------------------------------------------------- system and CUDA shared memory
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
                                          context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:
-        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        self.shm.register_system(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
                                            context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.shm.unregister(request.name)
+        await self.shm.unregister(SYSTEM, request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
                                        context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:
         resp = pb.SystemSharedMemoryStatusResponse()
-        for region in self.shm.status(request.name):
+        for region in self.shm.status(SYSTEM, request.name):
             resp.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return resp
+
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
+                                       context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryRegisterResponse:
+        await self.shm.register_cuda(request.name, request.raw_handle, request.device_id, request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                                         context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryUnregisterResponse:
+        await self.shm.unregister(CUDA, request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
+                                     context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryStatusResponse:
+        resp = pb.CudaSharedMemoryStatusResponse()
+        for region in self.shm.status(CUDA, request.name):
+            resp.regions[region["name"]].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(**region))
         return resp
 
     # --------------------------------------------------------------- not implemented
     async def _unsupported(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "CUDA shared memory, tracing and log settings are not supported by modelyard")
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "tracing and log settings are not supported by modelyard")
 
-    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _unsupported
     TraceSetting = LogSettings = _unsupported
 
 

@@ -16,6 +16,8 @@ Large bodies are decompressed, parsed, encoded and compressed in a worker thread
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import gzip
 import json
 import logging
@@ -57,7 +59,7 @@ from modelyard.server.guard import CALLER, HEALTH, METRICS, SERVER, Guard, visib
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model_config import to_proto
 from modelyard.server.repository import ModelRepository
-from modelyard.server.shared_memory import SharedMemoryRegistry
+from modelyard.server.shared_memory import CUDA, SYSTEM, SharedMemoryRegistry
 from modelyard.server.tracing import request_context
 from modelyard.server.types import InferRequest, InferResponse
 
@@ -140,7 +142,7 @@ def rest_rule(request: web.Request) -> tuple[str, str, str]:
         return METRICS, "", ""
     if route.startswith("/v2/repository/models/"):
         return SERVER, model, "unload" if route.endswith("/unload") else "load"
-    if route.startswith("/v2/systemsharedmemory"):
+    if route.startswith(("/v2/systemsharedmemory", "/v2/cudasharedmemory")):
         return SERVER, "", "shared_memory"
     return SERVER, model, ""
 
@@ -272,6 +274,17 @@ async def respond(request: web.Request, body: bytes, content_type: str = "applic
 
 async def respond_json(request: web.Request, doc: Any, status: int = 200) -> web.Response:
     return await respond(request, json.dumps(doc).encode(), status=status)
+
+
+def raw_handle(value: Any) -> bytes:
+    """The bytes of a CUDA shared memory register body's ``"raw_handle": {"b64": "..."}``."""
+    encoded = value.get("b64") if isinstance(value, dict) else None
+    if not isinstance(encoded, str):
+        raise InvalidInput('raw_handle must be {"b64": "<base64 of the cudaIpcMemHandle_t>"}')
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except binascii.Error as exc:
+        raise InvalidInput(f"raw_handle: invalid base64: {exc}") from None
 
 
 # ---------------------------------------------------------------------- tensors
@@ -594,20 +607,33 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
         return await respond_json(request, {})
 
     async def shm_status(request: web.Request) -> web.Response:
-        return await respond_json(request, registry.status(request.match_info.get("region", "")))
+        return await respond_json(request, registry.status(SYSTEM, request.match_info.get("region", "")))
 
     async def shm_register(request: web.Request) -> web.Response:
         body = await read_json(request)
-        registry.register(request.match_info["region"], body.get("key"), body.get("offset", 0), body.get("byte_size"))
+        registry.register_system(request.match_info["region"], body.get("key"), body.get("offset", 0),
+                                 body.get("byte_size"))
         return await respond_json(request, {})
 
     async def shm_unregister(request: web.Request) -> web.Response:
-        registry.unregister(request.match_info.get("region", ""))
+        await registry.unregister(SYSTEM, request.match_info.get("region", ""))
+        return await respond_json(request, {})
+
+    async def cuda_shm_status(request: web.Request) -> web.Response:
+        return await respond_json(request, registry.status(CUDA, request.match_info.get("region", "")))
+
+    async def cuda_shm_register(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        await registry.register_cuda(request.match_info["region"], raw_handle(body.get("raw_handle")),
+                                     body.get("device_id", 0), body.get("byte_size"))
+        return await respond_json(request, {})
+
+    async def cuda_shm_unregister(request: web.Request) -> web.Response:
+        await registry.unregister(CUDA, request.match_info.get("region", ""))
         return await respond_json(request, {})
 
     async def unsupported(request: web.Request) -> web.Response:
-        raise Unsupported(f"{request.path}: CUDA shared memory, tracing and log settings are not supported "
-                          "by modelyard")
+        raise Unsupported(f"{request.path}: tracing and log settings are not supported by modelyard")
 
     async def prometheus(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8",
@@ -633,9 +659,12 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
     r.add_post("/v2/systemsharedmemory/region/{region}/register", shm_register)
     r.add_post("/v2/systemsharedmemory/region/{region}/unregister", shm_unregister)
     r.add_post("/v2/systemsharedmemory/unregister", shm_unregister)
-    for path in ("/v2/cudasharedmemory/status", "/v2/cudasharedmemory/region/{region}/status",
-                 "/v2/cudasharedmemory/region/{region}/register", "/v2/cudasharedmemory/region/{region}/unregister",
-                 "/v2/cudasharedmemory/unregister", "/v2/trace/setting", "/v2/logging"):
+    r.add_get("/v2/cudasharedmemory/status", cuda_shm_status)
+    r.add_get("/v2/cudasharedmemory/region/{region}/status", cuda_shm_status)
+    r.add_post("/v2/cudasharedmemory/region/{region}/register", cuda_shm_register)
+    r.add_post("/v2/cudasharedmemory/region/{region}/unregister", cuda_shm_unregister)
+    r.add_post("/v2/cudasharedmemory/unregister", cuda_shm_unregister)
+    for path in ("/v2/trace/setting", "/v2/logging"):
         r.add_route("*", path, unsupported)
     r.add_get("/models", models)
     r.add_get("/metrics", prometheus)

@@ -198,8 +198,7 @@ def test_garbage_bytes_are_invalid_argument(server, stub):
 
 
 def test_unimplemented_rpcs(stub):
-    expect(stub, pb.CudaSharedMemoryStatusRequest(), grpc.StatusCode.UNIMPLEMENTED, "CUDA shared memory",
-           method="CudaSharedMemoryStatus")
+    expect(stub, pb.LogSettingsRequest(), grpc.StatusCode.UNIMPLEMENTED, "log settings", method="LogSettings")
     expect(stub, pb.TraceSettingRequest(), grpc.StatusCode.UNIMPLEMENTED, "tracing", method="TraceSetting")
 
 

@@ -127,6 +127,9 @@ def test_grpc_permission_denied_for_models_and_admin_operations(stub):
         (stub.SystemSharedMemoryStatus, pb.SystemSharedMemoryStatusRequest(), "shared_memory"),
         (stub.SystemSharedMemoryRegister, pb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=4),
          "shared_memory"),
+        (stub.CudaSharedMemoryRegister, pb.CudaSharedMemoryRegisterRequest(name="r", raw_handle=bytes(64),
+                                                                            byte_size=4), "shared_memory"),
+        (stub.CudaSharedMemoryStatus, pb.CudaSharedMemoryStatusRequest(), "shared_memory"),
     ):
         code, details, _ = rpc_code(call, request, metadata=bearer(ALICE))
         assert code == grpc.StatusCode.PERMISSION_DENIED and f"admin operation '{op}'" in details, details
@@ -245,6 +248,8 @@ def test_rest_same_rules(auth_server):
     assert status == 403 and "admin operation 'unload'" in body["error"]
     assert rest(auth_server, "GET", "/v2/systemsharedmemory/status", ALICE)[0] == 403
     assert rest(auth_server, "GET", "/v2/systemsharedmemory/status", OPS)[0] == 200
+    assert rest(auth_server, "GET", "/v2/cudasharedmemory/status", ALICE)[0] == 403
+    assert rest(auth_server, "GET", "/v2/cudasharedmemory/status", OPS)[0] == 200
     assert rest(auth_server, "GET", "/no/such/route")[0] == 401          # nothing to learn without a token
     status, body, _ = rest(auth_server, "POST", "/v2/repository/index", ALICE)
     assert status == 200 and {m["name"] for m in body} == {"add_sub", "identity", "token_stream_demo"}

@@ -96,6 +96,7 @@ def test_rules_of_grpc_paths() -> None:
     assert rule_for("/grpc.health.v1.Health/Watch").kind == HEALTH
     assert rule_for("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo").kind == REFLECTION
     assert rule_for(PATH + "SystemSharedMemoryStatus").operation == "shared_memory"
+    assert rule_for(PATH + "CudaSharedMemoryRegister").operation == "shared_memory"
     assert rule_for("/other.Service/Method").kind == SERVER
 
 

@@ -3,10 +3,13 @@
 ``parameters.task`` selects what the instance does:
 
 * ``embedding`` — AutoModel, mean pooling over the attention mask, L2-normalised (sentence-transformers style);
+  over texts, or over token tensors when the config declares an ``input_ids`` input (INT64 ``[-1]``, with
+  ``attention_mask`` and ``token_type_ids`` optional): the model alone, after a tokenizing step of an ensemble;
 * ``sequence-classification`` — AutoModelForSequenceClassification: label (BYTES) and/or probabilities (FP32);
 * ``text-generation`` — AutoModelForCausalLM, greedy decoding; with ``decoupled: true`` one streamed
   response per token, stopping as soon as the client cancels;
-* ``image-classification`` — AutoModelForImageClassification over raw UINT8 HWC pixels or encoded JPEG/PNG bytes.
+* ``image-classification`` — AutoModelForImageClassification over raw UINT8 HWC pixels or encoded JPEG/PNG bytes,
+  or over preprocessed ``pixel_values`` (FP32 ``[3, H, W]``) when the config declares an FP32 input.
 
 Where the files are: ``model_path`` (absolute, or relative to the version directory),
 or ``pretrained_package`` (an installed Python package that ships the weights, e.g.
@@ -154,15 +157,22 @@ class TransformersRuntime(Runtime):
         self.float_output = _first(cfg.outputs, ("FP32", "FP16", "FP64"))
         self.int_output = _first(cfg.outputs, ("INT32", "INT64"))
         if task == "image-classification":
+            #: the FP32 input of already preprocessed pixel values, if the config declares one
+            self.pixels_input = _first(cfg.inputs, ("FP32",))
             self._load_image_settings(path)
+            return
+        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or getattr(self.model.config, "n_positions", 512))
+        #: token tensors in, no tokenizer: the model alone (an ensemble's tokenizing step ran before it)
+        self.token_inputs = task == "embedding" and cfg.input("input_ids") is not None
+        self.max_length = min(param_int(params, "max_length", limit, source), limit)
+        self.normalize = param_bool(params, "normalize", True)
+        if self.token_inputs:
+            self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
             return
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         if self.tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding is needed to batch
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or getattr(self.model.config, "n_positions", 512))
-        self.max_length = min(param_int(params, "max_length", limit, source), limit)
         self.truncation = param_bool(params, "truncation", True)
-        self.normalize = param_bool(params, "normalize", True)
         self.max_new_tokens = param_int(params, "max_new_tokens", 32, source)
 
     # ------------------------------------------------------------------ inputs
@@ -201,6 +211,44 @@ class TransformersRuntime(Runtime):
         batch = self.tokenizer.pad(features, return_tensors="pt")
         return [owners[row] for row in keep], {k: v.to(self.device) for k, v in batch.items()}
 
+    def _token_rows(self, request: InferRequest) -> list[tuple[np.ndarray, ...]]:
+        """(input_ids, attention_mask, token_type_ids) per row of a request that sends token tensors."""
+        ids = request.inputs.get("input_ids")
+        if ids is None:
+            raise InvalidInput("missing input 'input_ids'")
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise InvalidInput(f"input 'input_ids': expected [batch, tokens], got {list(ids.shape)}")
+        if ids.shape[1] > self.max_length:
+            raise InvalidInput(f"input 'input_ids': {ids.shape[1]} tokens exceed the model's max_length ({self.max_length})")
+        extra: list[Any] = []
+        for name in ("attention_mask", "token_type_ids"):
+            arr = request.inputs.get(name)
+            if arr is not None and np.asarray(arr).size != ids.size:
+                raise InvalidInput(f"input '{name}': shape {list(np.shape(arr))} does not match input_ids {list(ids.shape)}")
+            extra.append([None] * len(ids) if arr is None else np.asarray(arr).reshape(ids.shape))
+        return list(zip(ids, *extra, strict=True))
+
+    def _token_batch(self, requests: list[InferRequest], results: list[Result | None]) -> tuple[list[int], Any] | None:
+        """The token rows of every still-valid request, right-padded to the longest (what the tokenizer does)."""
+        owners, rows = _gather(requests, results, self._token_rows)
+        if not rows:
+            return None
+        width = max(len(row[0]) for row in rows)
+        ids, mask, types = (np.full((len(rows), width), self.pad_id, np.int64), np.zeros((len(rows), width), np.int64),
+                            np.zeros((len(rows), width), np.int64))
+        for k, (row_ids, row_mask, row_types) in enumerate(rows):
+            ids[k, :len(row_ids)] = row_ids
+            mask[k, :len(row_ids)] = 1 if row_mask is None else row_mask
+            if row_types is not None:
+                types[k, :len(row_ids)] = row_types
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if any(row[2] is not None for row in rows):  # not every model takes token types (DistilBERT does not)
+            batch["token_type_ids"] = types
+        return owners, {n: self.torch.from_numpy(a).to(self.device) for n, a in batch.items()}
+
     # ------------------------------------------------------------------ execute
     def execute(self, requests: list[InferRequest]) -> list[Result]:
         results: list[Result | None] = [None] * len(requests)
@@ -220,7 +268,7 @@ class TransformersRuntime(Runtime):
         return [r if r is not None else InvalidInput("request produced no output") for r in results]
 
     def _embed(self, requests: list[InferRequest], results: list[Result | None]) -> None:
-        tok = self._tokenize(requests, results)
+        tok = self._token_batch(requests, results) if self.token_inputs else self._tokenize(requests, results)
         if tok is None:
             return
         owners, batch = tok
@@ -318,8 +366,21 @@ class TransformersRuntime(Runtime):
             out.append(((px - self.mean) / self.std).transpose(2, 0, 1))
         return out
 
+    def _pixel_values(self, r: InferRequest) -> list[np.ndarray]:
+        """Preprocessed images as sent: FP32 [batch, 3, H, W] at the model's size."""
+        name = self.pixels_input
+        arr = r.inputs.get(name)  # type: ignore[arg-type]
+        if arr is None:
+            raise InvalidInput(f"missing input '{name}'")
+        batch = np.asarray(arr, dtype=np.float32)
+        batch = batch if batch.ndim == 4 else batch[None]
+        h, w = self.image_hw
+        if batch.shape[1:] != (3, h, w):
+            raise InvalidInput(f"input '{name}': pixel values must be [batch, 3, {h}, {w}], got {list(np.shape(arr))}")
+        return list(batch)
+
     def _classify_images(self, requests: list[InferRequest], results: list[Result | None]) -> None:
-        owners, pixels = _gather(requests, results, self._decode_images)
+        owners, pixels = _gather(requests, results, self._pixel_values if self.pixels_input else self._decode_images)
         if not pixels:
             return
         tensor = self.torch.from_numpy(np.stack(pixels)).to(self.device)
