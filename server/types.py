@@ -11,6 +11,22 @@ Parameters = dict[str, Any]
 
 
 @dataclass(slots=True)
+class Sequence:
+    """The sequence a request of a sequence-batched model belongs to (``request.sequence``).
+
+    ``state`` is the sequence's own dict, kept by the server from the START request to the
+    END request (or the idle timeout) and handed to every request of the sequence in order:
+    a python model keeps its per-sequence values there (thread execution; a worker process
+    gets a copy).
+    """
+
+    id: int | str
+    start: bool = False
+    end: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class InferRequest:
     """One inference request, decoded: inputs are numpy arrays keyed by tensor name."""
 
@@ -26,6 +42,8 @@ class InferRequest:
     priority: int = 0
     #: absolute monotonic deadline in seconds, or None
     deadline: float | None = None
+    #: set by the sequence batcher for sequence-batched models
+    sequence: Sequence | None = None
 
     def batch_size(self) -> int:
         """Leading dimension of the first input (1 for scalars or no inputs)."""

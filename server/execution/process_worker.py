@@ -94,7 +94,8 @@ def unpack(shm: SharedMemory | None, slots: list[dict[str, _Slot]], *, copy: boo
 def _strip(request: InferRequest) -> InferRequest:
     return InferRequest(model=request.model, inputs={}, version=request.version, id=request.id,
                         parameters=request.parameters, outputs=request.outputs,
-                        output_parameters=request.output_parameters, priority=request.priority)
+                        output_parameters=request.output_parameters, priority=request.priority,
+                        sequence=request.sequence)
 
 
 def _pack_results(results: list[Any]) -> tuple[str | None, list[Any], list[dict[str, _Slot]]]:
