@@ -7,6 +7,7 @@ Each model's ``config.yaml`` is :mod:`modelyard.server.model_config`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,16 @@ class ServerConfig:
     grpc_port: int = 8001
     #: HTTP/REST port (0 = any free port)
     http_port: int = 8000
-    #: models to load at start (None = every model in the repository)
-    models: list[str] | None = None
+    #: models to load at start (None = every model in the repository; ``["*"]`` = every model too);
+    #: Triton's ``--load-model``, for modes explicit and unset
+    models: list[str] | None = field(default=None, metadata={"aliases": ("load_model",)})
+    #: Triton's model control mode: none (load every model at start, refuse load / unload), poll (as none,
+    #: and rescan the repository every repository_poll_secs), explicit (load the ``models`` at start, allow
+    #: load / unload); unset (null): load ``models`` (default all) and allow load / unload -- modelyard's
+    #: behaviour before model control modes, kept as the default
+    model_control_mode: str | None = None
+    #: poll mode: seconds between two scans of the repository (Triton's default, 15)
+    repository_poll_secs: float = 15.0
     #: max gRPC/HTTP message size in MiB, both ways
     max_message_mb: int = 64
     #: seconds in-flight requests get to finish on SIGTERM or unload
@@ -97,5 +106,29 @@ class ServerConfig:
         check(0 < self.health_gpu_memory <= 1, "health_gpu_memory", "must be a fraction in (0, 1]")
         check(self.loop in ("auto", "asyncio", "uvloop"), "loop", f"must be auto, asyncio or uvloop, got {self.loop!r}")
         if self.model_repository:
-            check(Path(self.model_repository).is_dir(), "model_repository",
-                  f"{self.model_repository} is not a directory")
+            check(not (problem := repository_problem(Path(self.model_repository))), "model_repository",
+                  f"{self.model_repository} {problem}")
+        mode = self.model_control_mode
+        check(mode in (None, "none", "poll", "explicit"), "model_control_mode",
+              f"must be none, poll or explicit, got {mode!r}")
+        check(self.repository_poll_secs >= 0, "repository_poll_secs", "must be >= 0")
+        if mode == "poll":
+            check(self.repository_poll_secs > 0, "repository_poll_secs", "must be > 0 in model_control_mode poll")
+        if self.models is not None:
+            check("*" not in self.models or self.models == ["*"], "models",
+                  "Wildcard model name '*' must be the ONLY startup model if specified at all.")
+            check(mode not in ("none", "poll"), "models",
+                  f"load_model is for model_control_mode explicit; mode {mode} loads every model")
+
+
+def repository_problem(path: Path) -> str:
+    """Why ``path`` cannot be a model repository ("" when it can)."""
+    if not path.is_dir():
+        return "is not a directory" if path.exists() else "does not exist"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return "is not readable"
+    try:
+        next(os.scandir(path), None)
+    except OSError as exc:
+        return f"is not readable ({exc.strerror})"
+    return ""

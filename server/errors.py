@@ -14,9 +14,10 @@ import grpc
 from modelyard.config import ConfigError
 
 __all__ = ["AlreadyExists", "Cancelled", "ConfigError", "DeadlineExceeded", "InvalidConfig", "InvalidInput",
-           "ModelExecutionError", "ModelNotFound", "ModelNotReady", "ModelyardError", "NotFound", "Overloaded",
-           "PayloadTooLarge", "PermissionDenied", "Unauthenticated", "Unsupported", "UnsupportedEncoding",
-           "as_modelyard_error"]
+           "LoadFailed", "ModelControlDisabled", "ModelExecutionError", "ModelNotFound", "ModelNotReady",
+           "ModelyardError", "NotFound", "Overloaded", "PayloadTooLarge", "PermissionDenied", "Unauthenticated",
+           "Unsupported", "UnsupportedEncoding", "as_modelyard_error", "failed_to_load", "model_version",
+           "no_available_versions", "unknown_model", "unknown_version", "version_not_ready"]
 
 
 class ModelyardError(Exception):
@@ -135,6 +136,71 @@ class InvalidConfig(ModelyardError):
 
     code = grpc.StatusCode.INVALID_ARGUMENT
     http = 400
+
+
+class LoadFailed(ModelyardError):
+    """A model's code (or runtime) failed while loading: INVALID_ARGUMENT / 400, as Triton answers it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    http = 400
+
+
+class ModelControlDisabled(ModelyardError):
+    """Load / unload asked of a server whose model control mode is ``none`` or ``poll`` (Triton: UNAVAILABLE)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    http = 503
+
+
+# ---------------------------------------------------------------------- Triton's texts
+# The wording clients (tritonclient, Triton's own tests) match on, from triton-inference-server/core
+# src/model_lifecycle.cc (GetModel), src/model_repository_manager/model_repository_manager.cc
+# (LoadUnloadModel(s)) and triton-inference-server/server src/common.cc (GetModelVersionFromString).
+# The same exception -- so the same gRPC status and HTTP status -- on both protocols.
+
+#: refused load / unload outside ``explicit`` mode (Triton says "polling" for mode none too)
+CONTROL_DISABLED = "explicit model load / unload is not allowed if polling is enabled"
+
+
+def unknown_model(name: str) -> ModelNotFound:
+    return ModelNotFound(f"Request for unknown model: '{name}' is not found")
+
+
+def unknown_version(name: str, version: int | str) -> ModelNotFound:
+    return ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found")
+
+
+def no_available_versions(name: str, reason: str = "") -> ModelNotReady:
+    """A known model with no ready version (failed to load, loading). Triton answers NOT_FOUND; modelyard keeps
+    UNAVAILABLE so that a balancer retries the request on another replica."""
+    detail = f" (failed to load: {reason})" if reason else ""
+    return ModelNotReady(f"Request for unknown model: '{name}' has no available versions{detail}")
+
+
+def version_not_ready(name: str, version: int | str) -> ModelNotReady:
+    return ModelNotReady(f"Request for unknown model: '{name}' version {version} is not at ready state")
+
+
+def model_version(text: str) -> int | None:
+    """A request's version string as Triton reads it: "" = latest (None), else an integer >= 0."""
+    if not text:
+        return None
+    body = text.strip()
+    digits = body[1:] if body[:1] in "+-" else body
+    if not (digits.isascii() and digits.isdigit()):
+        raise InvalidInput(f"failed to get model version from specified version string '{text}' (details: stol), "
+                           "version should be an integral value > 0")
+    value = int(body)
+    if value < 0:
+        raise InvalidInput(f"invalid model version specified '{text}' , version should be an integral value > 0")
+    return value
+
+
+def failed_to_load(name: str, detail: str = "", error: type[ModelyardError] = InvalidInput) -> ModelyardError:
+    """Triton's answer when a model cannot be read from the repository (missing, bad config, bad override):
+    ``failed to load '<name>', failed to poll from model repository``; modelyard adds the reason, which
+    Triton only logs."""
+    return error(f"failed to load '{name}', failed to poll from model repository" + (f": {detail}" if detail else ""))
 
 
 def as_modelyard_error(exc: BaseException) -> ModelyardError:

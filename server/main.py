@@ -38,12 +38,14 @@ from modelyard.server.frontends.health_api import (
     add_health_route,
     add_health_service,
 )
+from modelyard.server.frontends.http_protocol_errors import json_protocol_errors
 from modelyard.server.frontends.openai_api import add_openai_routes
 from modelyard.server.frontends.reflection import enable_reflection
 from modelyard.server.frontends.rest_api import build_app
 from modelyard.server.guard import Guard
 from modelyard.server.health import HealthReport, assess
 from modelyard.server.metrics import ServerMetrics
+from modelyard.server.model_control import ModelControl
 from modelyard.server.repository import ModelRepository
 from modelyard.server.shared_memory import SharedMemoryRegistry
 
@@ -65,6 +67,9 @@ class ModelServer:
         self.admission = Admission.from_config(settings.overload, self.metrics)
         self.repository = ModelRepository(settings.repository_path, self.metrics, unload_grace=settings.grace,
                                           admission=self.admission)
+        #: what loads at start, whether clients may load / unload, repository polling (--model-control-mode)
+        self.control = ModelControl(self.repository, settings.model_control_mode,
+                                    poll_secs=settings.repository_poll_secs, load_models=settings.models)
         #: tokens and rate limits (None when neither is configured); certificates (None: cleartext)
         self.guard: Guard | None = None
         self.tls: TlsFiles | None = None
@@ -107,7 +112,7 @@ class ModelServer:
     async def startup(self) -> None:
         s = self.settings
         self.repository.on_change(self._sync_health)
-        failures = await self.repository.load_all(s.models)
+        failures = await self.control.start()
         if failures:
             for name, reason in failures.items():
                 log.error("model %s: %s", name, reason)
@@ -122,7 +127,8 @@ class ModelServer:
         await self._load_security()
         guard = self.guard
         server = grpc.aio.server(options=options)
-        self.servicer = InferenceServicer(self.repository, self.is_ready, self.shm, guard, s.max_message_bytes)
+        self.servicer = InferenceServicer(self.repository, self.is_ready, self.shm, guard, s.max_message_bytes,
+                                          control=self.control)
         add_inference_service(self.servicer, server)
         add_grpc_health(self.health, server, guard)
         add_health_service(self.health_report, server, guard)
@@ -135,12 +141,14 @@ class ModelServer:
         self.grpc_port = bound
         await server.start()
         self._grpc = server
-        app = build_app(self.repository, self.metrics, self.is_ready, s.max_message_bytes, self.shm, guard)
+        app = build_app(self.repository, self.metrics, self.is_ready, s.max_message_bytes, self.shm, guard,
+                        control=self.control)
         add_openai_routes(app)
         add_health_route(app, self.health_report)
         # bodies are decompressed by rest_api.read_body (a worker thread for big ones, 415 for unknown encodings)
         self._http = web.AppRunner(app, access_log=None, auto_decompress=False)
         await self._http.setup()
+        json_protocol_errors(self._http)  # unparsable requests get {"error": ...} too, not text/plain
         site = web.TCPSite(self._http, s.host, s.http_port,
                            ssl_context=self.tls.ssl_context() if self.tls is not None else None)
         await site.start()
@@ -190,6 +198,7 @@ class ModelServer:
         for watcher in (self.tls, self.guard):
             if watcher is not None:
                 await asyncio.to_thread(watcher.close)
+        await self.control.close()  # no poll may load a model while the repository closes
         await self.repository.close()
         await asyncio.to_thread(self.shm.close)  # CUDA regions: cudaIpcCloseMemHandle blocks
         log.info("modelyard stopped")
@@ -254,6 +263,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "grpc_port": args.grpc_port,
         "http_port": args.http_port,
         "models": args.model,
+        "model_control_mode": args.model_control_mode,
+        "repository_poll_secs": args.repository_poll_secs,
         "max_message_mb": args.max_message_mb,
         "grace": args.grace,
         "drain_delay": args.drain_delay,
@@ -292,8 +303,16 @@ def register(sub: Any) -> None:
     p.add_argument("--host", help=f"address to bind gRPC and HTTP to (default {d('host')})")
     p.add_argument("--grpc-port", type=int, help=f"gRPC port (default {d('grpc_port')}; 0 = any free port)")
     p.add_argument("--http-port", type=int, help=f"HTTP/REST port (default {d('http_port')}; 0 = any free port)")
-    p.add_argument("--model", action="append", metavar="NAME",
-                   help="load only this model at start (repeatable; default: every model in the repository)")
+    p.add_argument("--load-model", "--model", dest="model", action="append", metavar="NAME",
+                   help="load this model at start (repeatable; '*' alone = every model); for model control mode "
+                        "explicit (default: none) and unset (default: every model in the repository)")
+    p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"],
+                   help="as Triton: none = load every model at start and refuse load/unload requests; poll = the "
+                        "same, and rescan the repository every --repository-poll-secs (load new or changed models, "
+                        "unload removed ones); explicit = load only --load-model models at start, clients load and "
+                        "unload. Unset: load --load-model models (default every one) and allow load/unload")
+    p.add_argument("--repository-poll-secs", type=float, metavar="S",
+                   help=f"poll mode: seconds between repository scans (default {d('repository_poll_secs')})")
     p.add_argument("--max-message-mb", type=int,
                    help=f"max gRPC/HTTP message size in MiB, both ways (default {d('max_message_mb')})")
     p.add_argument("--grace", type=float,

@@ -238,6 +238,14 @@ class ModelRepository:
         finally:
             _loading.reset(token)
         check_composition(cfg, self.configs)
+        es = cfg.ensemble_scheduling
+        assert es is not None
+        missing = [f"ensemble_scheduling.step[{i}].model_version: model {s.model_name!r} has no version {s.model_version} "
+                   f"loaded (loaded: {sorted(self.models.get(s.model_name, {}), key=int)})"
+                   for i, s in enumerate(es.step)
+                   if s.model_version != -1 and str(s.model_version) not in self.models.get(s.model_name, {})]
+        if missing:
+            raise ConfigError(missing, f"ensemble {cfg.name!r}")
 
     async def unload(self, name: str, *, unload_dependents: bool = False) -> None:
         """Unload every version of ``name``; in-flight requests finish first. A model that is not loaded

@@ -20,8 +20,9 @@ from google.protobuf.message import DecodeError
 from modelyard import __version__
 from modelyard.protos import grpc_service_pb2 as pb
 from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
+from modelyard.protos.params import parameter_value
 from modelyard.security.rules import ANY_CALLER, RULES
-from modelyard.server.errors import ModelyardError, Unsupported, as_modelyard_error
+from modelyard.server.errors import ModelyardError, as_modelyard_error
 from modelyard.server.frontends.grpc_codec import decode_request, encode_response
 from modelyard.server.frontends.tensor_io import (
     PendingInput,
@@ -33,6 +34,7 @@ from modelyard.server.frontends.tensor_io import (
 from modelyard.server.guard import CALLER, SERVER, Guard, visible
 from modelyard.server.model import ModelVersion
 from modelyard.server.model_config import to_proto
+from modelyard.server.model_control import LoadParam, ModelControl
 from modelyard.server.repository import ModelRepository
 from modelyard.server.shared_memory import CUDA, SYSTEM, SharedMemoryRegistry
 from modelyard.server.tracing import enter_grpc, exit_grpc
@@ -104,8 +106,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool],
                  shm: SharedMemoryRegistry | None = None, guard: Guard | None = None,
-                 max_elements: int | None = None) -> None:
+                 max_elements: int | None = None, *, control: ModelControl | None = None) -> None:
         self.repo = repository
+        #: load / unload requests (the server's --model-control-mode; default: allowed)
+        self.control = control if control is not None else ModelControl(repository)
         #: the most elements an input's shape may have (the message size limit; None: int64)
         self.max_elements = max_elements
         #: tokens, allow lists and rate limits (None: every call is let in)
@@ -152,13 +156,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            raise Unsupported(f"RepositoryModelLoad parameters are not supported: {sorted(request.parameters)}")
-        await self.repo.load(request.model_name)
+        params = {key: _param(value) for key, value in request.parameters.items()}
+        await self.control.load(request.model_name, params)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
-        await self.repo.unload(request.model_name)
+        dependents = request.parameters.get("unload_dependents")
+        await self.control.unload(request.model_name, bool(dependents is not None and dependents.bool_param))
         return pb.RepositoryModelUnloadResponse()
 
     # --------------------------------------------------------------- inference
@@ -181,7 +185,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Bidirectional stream: requests are handled concurrently; errors come back in-band
-        (``error_message``) and the stream carries on, as Triton does."""
+        (``error_message``) and the stream carries on, as Triton does.
+
+        Requests of one sequence (same model and ``sequence_id``) reach the model's sequence
+        batcher in the order they arrived on the stream: each waits until the one before it
+        has been queued (not computed), so a client may pipeline a whole sequence."""
         # Bounded both ways: a client that pipelines requests without reading responses stops
         # being read (HTTP/2 flow control pushes back) instead of growing server memory.
         out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(maxsize=STREAM_MAX_BUFFERED)
@@ -189,8 +197,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
 
         caller = CALLER.get()
+        #: (model, sequence id) -> set once the latest request of that sequence has been queued
+        queued: dict[tuple[str, Any], asyncio.Event] = {}
 
-        async def handle(msg: pb.ModelInferRequest) -> None:
+        async def handle(msg: pb.ModelInferRequest, key: tuple[str, Any] | None = None,
+                         after: asyncio.Event | None = None, mine: asyncio.Event | None = None) -> None:
             try:
                 if caller is not None:  # every message is a request: its model checked, its client's bucket taken
                     caller.check_model(msg.model_name)
@@ -198,6 +209,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 mv = self.repo.get(msg.model_name, msg.model_version)
                 req = await self._decode(msg, context)
                 refs = output_refs(self.shm, req) if req.output_parameters else {}
+                if after is not None:
+                    await after.wait()
+                if mine is not None:
+                    # no await between this and the request being queued by mv.stream: the next
+                    # request of the sequence runs only after this task yields
+                    mine.set()
+                    if queued.get(key) is mine:  # type: ignore[arg-type]
+                        del queued[key]  # type: ignore[arg-type]
                 async for resp in mv.stream(req):
                     resp = apply_classification(req, resp, mv.config)
                     written = await write_outputs(self.shm, resp, mv.config, refs) if refs else None
@@ -213,12 +232,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     error_message=f"{err.code.name}: {err.message}",
                     infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id),
                 ))
+            finally:
+                if mine is not None and not mine.is_set():
+                    mine.set()
+                    if queued.get(key) is mine:  # type: ignore[arg-type]
+                        del queued[key]  # type: ignore[arg-type]
 
         async def read() -> None:
             try:
                 async for msg in request_iterator:
                     await slots.acquire()
-                    task = asyncio.create_task(handle(msg))
+                    seq = msg.parameters.get("sequence_id") if msg.parameters else None
+                    if seq is not None:
+                        key = (msg.model_name, parameter_value(seq))
+                        mine = asyncio.Event()
+                        task = asyncio.create_task(handle(msg, key, queued.get(key), mine))
+                        queued[key] = mine
+                    else:
+                        task = asyncio.create_task(handle(msg))
                     handlers.add(task)
                     task.add_done_callback(handlers.discard)
                     task.add_done_callback(lambda _: slots.release())
@@ -279,6 +310,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "tracing and log settings are not supported by modelyard")
 
     TraceSetting = LogSettings = _unsupported
+
+
+def _param(value: pb.ModelRepositoryParameter) -> LoadParam:
+    """A ModelRepositoryParameter's value (bool, int64, string or bytes)."""
+    choice = value.WhichOneof("parameter_choice")
+    return getattr(value, choice) if choice is not None else b""
 
 
 def authorization(context: grpc.aio.ServicerContext) -> str | None:

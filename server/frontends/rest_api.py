@@ -58,6 +58,7 @@ from modelyard.server.frontends.tensor_io import (
 from modelyard.server.guard import CALLER, HEALTH, METRICS, SERVER, Guard, visible
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model_config import to_proto
+from modelyard.server.model_control import FILE_PREFIX, LoadParam, ModelControl
 from modelyard.server.repository import ModelRepository
 from modelyard.server.shared_memory import CUDA, SYSTEM, SharedMemoryRegistry
 from modelyard.server.tracing import request_context
@@ -469,6 +470,29 @@ def encode_infer(resp: InferResponse, cfg: Any, decoded: DecodedInfer,
     return head, (b"".join(chunks) if chunks else None)
 
 
+def load_parameters(raw: Any) -> dict[str, LoadParam]:
+    """A load request's ``parameters`` as tritonclient.http sends them: ``config`` a JSON string, each
+    ``file:<path>`` its content in base64."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidInput("'parameters' must be an object")
+    out: dict[str, LoadParam] = {}
+    for key, value in raw.items():
+        if key.startswith(FILE_PREFIX):
+            if not isinstance(value, str):
+                raise InvalidInput(f"load parameter '{key}' must be the file's content in base64")
+            try:
+                out[key] = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidInput(f"load parameter '{key}' is not valid base64") from None
+        elif isinstance(value, str | bool | int) and not isinstance(value, float):
+            out[key] = value
+        else:
+            raise InvalidInput(f"Unrecognized load parameter '{key}' with type '{type(value).__name__}'")
+    return out
+
+
 def proto_json(msg: Message) -> dict[str, Any]:
     """A protobuf message as Triton's HTTP API writes it: field names as declared, enums by name,
     64-bit integers as JSON numbers (protobuf's own JSON writes them as strings), scalars with their
@@ -514,7 +538,8 @@ def _proto_scalar(fd: FieldDescriptor, value: Any) -> Any:
 
 
 def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Callable[[], bool], max_body: int,
-              shm: SharedMemoryRegistry | None = None, guard: Guard | None = None) -> web.Application:
+              shm: SharedMemoryRegistry | None = None, guard: Guard | None = None, *,
+              control: ModelControl | None = None) -> web.Application:
     """The REST application; extra routes (OpenAI adapters, /health...) may be added by the caller.
     With ``guard``, every request is authenticated, rate-limited and authorized (server/guard.py)."""
     # request_context first: the request id (and span) cover the error mapping's log lines too
@@ -528,6 +553,8 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
     app[MAX_BODY_KEY] = max_body
     registry = app[SHM_KEY] = shm if shm is not None else SharedMemoryRegistry()
     repo = repository
+    #: load / unload requests (the server's --model-control-mode; default: allowed)
+    ctl = control if control is not None else ModelControl(repository)
 
     async def live(request: web.Request) -> web.Response:
         return await respond_json(request, {"live": True})
@@ -591,19 +618,18 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
 
     async def repo_load(request: web.Request) -> web.Response:
         body = await read_json(request, empty_ok=True)
-        params = body.get("parameters") or {}
-        if params:
-            raise Unsupported(f"load parameters are not supported: {sorted(params)}")
-        await repo.load(request.match_info["model"])
+        await ctl.load(request.match_info["model"], load_parameters(body.get("parameters")))
         return await respond_json(request, {})
 
     async def repo_unload(request: web.Request) -> web.Response:
         body = await read_json(request, empty_ok=True)
         params = body.get("parameters") or {}
-        unknown = sorted(set(params) - {"unload_dependents"}) if isinstance(params, dict) else ["parameters"]
-        if unknown:
-            raise Unsupported(f"unload parameters are not supported: {unknown}")
-        await repo.unload(request.match_info["model"])
+        if not isinstance(params, dict):
+            raise InvalidInput("'parameters' must be an object")
+        dependents = params.get("unload_dependents", False)
+        if not isinstance(dependents, bool):
+            raise InvalidInput(f"Unable to parse 'unload_dependents': expected true or false, got {dependents!r}")
+        await ctl.unload(request.match_info["model"], dependents)
         return await respond_json(request, {})
 
     async def shm_status(request: web.Request) -> web.Response:

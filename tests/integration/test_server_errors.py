@@ -88,7 +88,8 @@ def test_unknown_model_is_not_found(stub):
 
 
 def test_unknown_version_is_not_found(stub):
-    expect(stub, add_sub_request(model_version="7"), grpc.StatusCode.NOT_FOUND, "version '7'")
+    expect(stub, add_sub_request(model_version="7"), grpc.StatusCode.NOT_FOUND,
+           "Request for unknown model: 'add_sub' version 7 is not found")
 
 
 def test_wrong_shape(stub):

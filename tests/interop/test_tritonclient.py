@@ -158,7 +158,7 @@ def test_repository_index_load_and_unload(start_server, tmp_path: Path):
         assert "invalid model name" in str(err.value)
         with pytest.raises(InferenceServerException) as err:
             client.load_model("missing_model")
-        assert "not found" in str(err.value)
+        assert "failed to load 'missing_model'" in err.value.message()  # Triton's wording
         assert client.is_model_ready("identity")
     finally:
         client.close()
