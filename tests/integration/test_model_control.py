@@ -370,3 +370,39 @@ def test_explicit_wildcard_loads_every_model(start_server, tmp_path: Path) -> No
         assert not g.is_model_ready("identity")
     finally:
         g.close()
+
+
+ENSEMBLE_CONFIG = textwrap.dedent('''\
+    platform: ensemble
+    max_batch_size: 0
+    input: [{name: IN, data_type: TYPE_FP32, dims: [3]}]
+    output: [{name: OUT, data_type: TYPE_FP32, dims: [3]}]
+    ensemble_scheduling:
+      step:
+        - {model_name: doubler, model_version: -1, input_map: {X: IN}, output_map: {Y: OUT}}
+''')
+
+
+def test_unload_dependents_unloads_an_ensembles_steps_too(start_server, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "doubler" / "1").mkdir(parents=True)
+    (repo / "doubler" / "config.yaml").write_text(
+        "backend: python\ninput: [{name: X, data_type: TYPE_FP32, dims: [3]}]\n"
+        "output: [{name: Y, data_type: TYPE_FP32, dims: [3]}]\n")
+    (repo / "doubler" / "1" / "model.py").write_text(DOUBLER)
+    (repo / "pipeline" / "1").mkdir(parents=True)
+    (repo / "pipeline" / "config.yaml").write_text(ENSEMBLE_CONFIG)
+    server = start_server("--model-repository", str(repo), "--model-control-mode", "explicit")
+    g, h = grpc_client(server), http_client(server)
+    try:
+        for client in (g, h):
+            client.load_model("pipeline")  # loads its step's model first
+            assert client.is_model_ready("pipeline") and client.is_model_ready("doubler")
+            client.unload_model("pipeline")  # without unload_dependents: the step stays
+            assert not client.is_model_ready("pipeline") and client.is_model_ready("doubler")
+            client.load_model("pipeline")
+            client.unload_model("pipeline", unload_dependents=True)
+            assert not client.is_model_ready("pipeline") and not client.is_model_ready("doubler")
+    finally:
+        g.close()
+        h.close()
