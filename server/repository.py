@@ -213,6 +213,8 @@ class ModelRepository:
         an absolute server path)."""
         if private is not None:
             text = text.replace(str(private), name)
+        for model, path in self._private.items():
+            text = text.replace(str(path), model)
         root = str(self.root)
         return text.replace(root + os.sep, "").replace(root, "<model repository>")
 

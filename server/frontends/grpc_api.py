@@ -123,6 +123,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.active = 0
         self.last_arrival = 0.0
 
+    def public(self, exc: ModelyardError) -> ModelyardError:
+        """``exc`` without any path of the server's disk in its message (a model's own errors may hold one)."""
+        exc.message = self.repo.public_text(exc.message)
+        return exc
+
     # --------------------------------------------------------------- health
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -229,7 +234,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if not isinstance(exc, ModelyardError):
                     log.exception("stream request failed")
                 await out.put(pb.ModelStreamInferResponse(
-                    error_message=f"{err.code.name}: {err.message}",
+                    error_message=f"{err.code.name}: {self.public(err).message}",
                     infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id),
                 ))
             finally:
@@ -396,10 +401,10 @@ def _unary(cls: Any, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
         except grpc.aio.AbortError:
             raise
         except ModelyardError as exc:
-            await abort(context, exc)
+            await abort(context, servicer.public(exc))
         except Exception as exc:
             log.exception("%s failed", getattr(method, "__name__", name))
-            await abort(context, as_modelyard_error(exc))
+            await abort(context, servicer.public(as_modelyard_error(exc)))
         finally:
             servicer.active -= 1
             exit_grpc(span, sys.exc_info()[1])

@@ -120,11 +120,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                                    "(--max-message-mb)", openai)
         return error_json(exc.status, exc.text or exc.reason, openai)
     except ModelyardError as exc:
-        return error_json(exc.http, exc.message, openai, error_headers(exc))
+        return error_json(exc.http, public_text(request, exc.message), openai, error_headers(exc))
     except Exception as exc:
         log.exception("HTTP %s %s failed", request.method, request.path)
         err = as_modelyard_error(exc)
-        return error_json(err.http, err.message, openai)
+        return error_json(err.http, public_text(request, err.message), openai)
+
+
+def public_text(request: web.Request, text: str) -> str:
+    """``text`` without any path of the server's disk (a model's own errors may hold one)."""
+    repo = request.app.get(REPO_KEY)
+    return repo.public_text(text) if repo is not None else text
 
 
 #: routes that are health checks (``auth.exempt: [health]`` lets them answer without a token)

@@ -31,6 +31,13 @@ BROKEN = textwrap.dedent('''
         def execute(self, requests):
             return []
 ''')
+LEAKY = textwrap.dedent('''
+    from pathlib import Path
+
+    class Model:
+        def execute(self, requests):
+            open(Path(__file__).parent / "weights.bin")  # FileNotFoundError naming the absolute path
+''')
 CONFIG = "backend: python\ninput: [{name: X, data_type: TYPE_FP32, dims: [2]}]\n" \
          "output: [{name: Y, data_type: TYPE_FP32, dims: [2]}]\n"
 
@@ -42,6 +49,9 @@ def server(tmp_path_factory, server_cls):  # type: ignore[no-untyped-def]
     (repo / "broken" / "1").mkdir(parents=True)
     (repo / "broken" / "config.yaml").write_text(CONFIG)
     (repo / "broken" / "1" / "model.py").write_text(BROKEN)
+    (repo / "leaky" / "1").mkdir(parents=True)
+    (repo / "leaky" / "config.yaml").write_text(CONFIG)
+    (repo / "leaky" / "1" / "model.py").write_text(LEAKY)
     srv = server_cls("--model-repository", str(repo), "--no-exit-on-error")
     srv.repo = repo
     yield srv
@@ -172,6 +182,26 @@ def test_no_client_visible_error_shows_the_repository_path(server, clients) -> N
     for text in [*messages, index]:
         assert str(server.repo) not in text, text
     assert "weights file is corrupt" in messages[2]
+
+
+def test_a_models_own_error_is_passed_on_without_the_server_path(server, clients) -> None:  # type: ignore[no-untyped-def]
+    messages = []
+    for client, mod in ((clients[0], grpcclient), (clients[1], httpclient)):
+        x = mod.InferInput("X", [2], "FP32")
+        x.set_data_from_numpy(np.ones(2, np.float32))
+        messages.append(failure(lambda c=client, t=x: c.infer("leaky", [t])).message())
+    results: list[Any] = []
+    clients[0].start_stream(callback=lambda result, error: results.append(error))
+    try:
+        x = grpcclient.InferInput("X", [2], "FP32")
+        x.set_data_from_numpy(np.ones(2, np.float32))
+        clients[0].async_stream_infer("leaky", [x])
+    finally:
+        clients[0].stop_stream()
+    messages.append(str(results[0]))
+    for text in messages:
+        assert "FileNotFoundError" in text and "leaky/1/weights.bin" in text, text
+        assert str(server.repo) not in text, text
 
 
 # ---------------------------------------------------------------------- start-up
