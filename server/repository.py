@@ -325,6 +325,9 @@ class ModelRepository:
         }
 
     def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether the version (default: the latest) is ready; an unparsable version string is an error
+        (INVALID_ARGUMENT, as Triton answers ModelReady), an unknown model or version just not ready."""
+        model_version(version)
         try:
             return self.get(name, version).state == READY
         except Exception:

@@ -253,3 +253,12 @@ def test_explicit_mode_with_a_missing_startup_model_fails_the_start(tmp_path: Pa
     shutil.copytree(DEMO_REPOSITORY / "identity", repo / "identity")
     done = serve("--model-repository", str(repo), "--model-control-mode", "explicit", "--load-model", "ghost")
     assert done.returncode == 1 and "ghost" in done.stderr and "modelyard ready" not in done.stdout
+
+
+def test_model_ready_with_a_bad_version_string_is_invalid_argument(server, clients) -> None:  # type: ignore[no-untyped-def]
+    g = clients[0]
+    assert g.is_model_ready("add_sub", "1") and not g.is_model_ready("add_sub", "9") and not g.is_model_ready("x")
+    err = failure(lambda: g.is_model_ready("add_sub", "one"))
+    assert err.status() == INVALID[0] and "version string 'one'" in err.message()
+    status, _, body = request(server, "GET", "/v2/models/add_sub/versions/one/ready")
+    assert status == 400 and "version string 'one'" in body["error"]
