@@ -608,7 +608,7 @@ def to_proto(cfg: ModelConfig) -> mc.ModelConfig:
     else:
         msg.version_policy.latest.num_versions = vp.num_versions
     kinds = {"CPU": mc.ModelInstanceGroup.KIND_CPU, "GPU": mc.ModelInstanceGroup.KIND_GPU, "AUTO": mc.ModelInstanceGroup.KIND_AUTO}
-    for i, group in enumerate(cfg.instance_group):
+    for i, group in enumerate([] if cfg.platform == ENSEMBLE else cfg.instance_group):  # an ensemble has none
         msg.instance_group.add(name=f"{cfg.name}_{i}", count=group.count, kind=kinds[group.kind], gpus=group.gpus)
     if cfg.dynamic_batching is not None:
         db = cfg.dynamic_batching

@@ -282,3 +282,28 @@ async def test_a_step_whose_model_was_unloaded_fails_naming_it(diamond: Path):
         assert "'double'" in info.value.message.split(": ", 1)[1]
     finally:
         await repo.close()
+
+
+async def test_a_step_pinned_to_a_version_runs_that_version_and_a_missing_one_fails_the_load(tmp_path: Path):
+    _python_model(tmp_path, "ver", "x + 1")
+    (tmp_path / "ver" / "2").mkdir()
+    (tmp_path / "ver" / "2" / "model.py").write_text(
+        (tmp_path / "ver" / "1" / "model.py").read_text().replace("(x + 1)", "(x + 2)"))
+    config = yaml.safe_load((tmp_path / "ver" / "config.yaml").read_text())
+    (tmp_path / "ver" / "config.yaml").write_text(yaml.safe_dump({**config, "version_policy": {"all": {}}}))
+    _write(tmp_path, "pinned", _ensemble([_step("ver", {"X": "IN"}, {"Y": "OUT"}) | {"model_version": 1}]))
+    _write(tmp_path, "latest", _ensemble([_step("ver", {"X": "IN"}, {"Y": "OUT"})]))
+    _write(tmp_path, "absent", _ensemble([_step("ver", {"X": "IN"}, {"Y": "OUT"}) | {"model_version": 3}]))
+    repo = ModelRepository(tmp_path)
+    try:
+        await repo.load("pinned")
+        await repo.load("latest")
+        x = np.zeros((1, 2), np.float32)
+        for name, want in (("pinned", 1), ("latest", 2)):
+            out = await repo.get(name).infer(InferRequest(model=name, inputs={"IN": x}))
+            np.testing.assert_array_equal(out.outputs["OUT"], x + want)
+        with pytest.raises(ModelyardError, match=r"step\[0\].model_version: model 'ver' has no version 3 loaded "
+                                                 r"\(loaded: \['1', '2'\]\)"):
+            await repo.load("absent")
+    finally:
+        await repo.close()
