@@ -59,11 +59,14 @@ class Accounted:
     stream closed by its consumer) counts as CANCELLED.
     """
 
-    __slots__ = ("mv", "t0")
+    __slots__ = ("admission", "mv", "t0")
 
-    def __init__(self, mv: ModelVersion) -> None:
+    def __init__(self, mv: ModelVersion, admit: bool = True) -> None:
         self.mv = mv
         self.t0 = 0
+        #: the server-wide in-flight bound; None for an ensemble's step, whose ensemble request holds the slot
+        #: (counting steps too would let admitted ensemble requests starve their own steps)
+        self.admission = mv.admission if admit else None
 
     def __enter__(self) -> Accounted:
         mv = self.mv
@@ -72,9 +75,8 @@ class Accounted:
         limit = mv.config.max_concurrency
         if limit and mv.inflight >= limit:
             raise Overloaded(f"model '{mv.name}' has {mv.inflight} requests in flight (max_concurrency {limit})")
-        admission = mv.admission
-        if admission is not None:
-            admission.enter()
+        if self.admission is not None:
+            self.admission.enter()
         mv.inflight += 1
         mv._idle.clear()
         mv._m_inflight.inc()
@@ -93,8 +95,8 @@ class Accounted:
             mv.metrics.requests.labels(*mv._labels, as_modelyard_error(error).code.name).inc()
         mv._m_latency.observe(total / 1e9)
         mv.stats.request_done(error is None, total)
-        if mv.admission is not None:
-            mv.admission.exit()
+        if self.admission is not None:
+            self.admission.exit()
         mv.inflight -= 1
         mv._m_inflight.dec()
         if mv.inflight == 0:
@@ -211,12 +213,19 @@ class ModelVersion:
         self.reason = "unloaded"
 
     # ----------------------------------------------------------------- requests
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """Validate, schedule and account for one request."""
-        with Accounted(self):
+    def _queue_bound(self, request: InferRequest) -> float | None:
+        """Apply the server's queue-time bound (see Admission.bound); not to an ensemble, which has no queue:
+        its steps are bounded each on its own model, and its deadline is what its steps receive."""
+        if self.admission is None or self.config.ensemble_scheduling is not None:
+            return None
+        return self.admission.bound(request)
+
+    async def infer(self, request: InferRequest, *, step: bool = False) -> InferResponse:
+        """Validate, schedule and account for one request (``step``: an ensemble's step, already admitted)."""
+        with Accounted(self, admit=not step):
             validate_request(self.config, request)
             assert self._compute is not None
-            own = self.admission.bound(request) if self.admission is not None else None
+            own = self._queue_bound(request)
             if own is None:
                 response = await self._compute(request)
             else:
@@ -231,7 +240,7 @@ class ModelVersion:
         with Accounted(self):
             validate_request(self.config, request)
             assert self.scheduler is not None and self._compute is not None
-            own = self.admission.bound(request) if self.admission is not None else None
+            own = self._queue_bound(request)
             started = False
             try:
                 if self.config.decoupled:

@@ -211,7 +211,7 @@ class EnsembleScheduler(Scheduler):
                            inputs={m: tensors[t] for m, t in step.input_map.items()},  # type: ignore[misc]
                            parameters=request.parameters, outputs=outputs, priority=request.priority,
                            deadline=request.deadline)
-        return await mv.infer(sub)
+        return await mv.infer(sub, step=True)
 
     def _collect(self, i: int, response: InferResponse, tensors: dict[str, object], needed: frozenset[str]) -> None:
         step = self.steps[i]

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from modelyard.config import ConfigError
+from modelyard.server.admission import Admission
 from modelyard.server.errors import ModelyardError
 from modelyard.server.model_config import dependencies, parse_config, to_proto
 from modelyard.server.repository import ModelRepository
@@ -305,5 +306,38 @@ async def test_a_step_pinned_to_a_version_runs_that_version_and_a_missing_one_fa
         with pytest.raises(ModelyardError, match=r"step\[0\].model_version: model 'ver' has no version 3 loaded "
                                                  r"\(loaded: \['1', '2'\]\)"):
             await repo.load("absent")
+    finally:
+        await repo.close()
+
+
+async def test_the_servers_inflight_bound_counts_an_ensemble_request_once_not_per_step(diamond: Path):
+    repo = ModelRepository(diamond, admission=Admission(limit=1))
+    try:
+        await repo.load("diamond")
+        x = np.ones((1, 2), np.float32)
+        first = asyncio.create_task(repo.get("diamond").infer(InferRequest(model="diamond", inputs={"IN": x})))
+        for _ in range(1000):  # until the first request holds the server's one slot
+            if repo.admission.inflight:
+                break
+            await asyncio.sleep(0)
+        with pytest.raises(ModelyardError, match=r"overload\.max_inflight") as info:  # a second client request
+            await repo.get("diamond").infer(InferRequest(model="diamond", inputs={"IN": x}))
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        out = await first  # its three steps were not refused by the slot the ensemble request holds
+        np.testing.assert_array_equal(out.outputs["OUT"], (x + 1) + x * 2)
+        assert repo.admission.inflight == 0
+    finally:
+        await repo.close()
+
+
+async def test_an_ensemble_can_be_the_step_of_another(diamond: Path):
+    _write(diamond, "outer", _ensemble([_step("diamond", {"IN": "IN"}, {"OUT": "d"}),
+                                        _step("double", {"X": "d"}, {"Y": "OUT"})]))
+    repo = ModelRepository(diamond)
+    try:
+        await repo.load("outer")
+        x = np.ones((1, 2), np.float32)
+        out = await repo.get("outer").infer(InferRequest(model="outer", inputs={"IN": x}))
+        np.testing.assert_array_equal(out.outputs["OUT"], ((x + 1) + x * 2) * 2)
     finally:
         await repo.close()
