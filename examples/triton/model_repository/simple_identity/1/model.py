@@ -1,0 +1,8 @@
+"""simple_identity: OUTPUT0 is INPUT0, byte for byte (embedded NULs included)."""
+
+from modelyard.server.types import InferResponse
+
+
+class Model:
+    def execute(self, requests):
+        return [InferResponse(outputs={"OUTPUT0": r.inputs["INPUT0"]}) for r in requests]
