@@ -86,6 +86,9 @@ class ServerConfig:
     overload: OverloadConfig = field(default_factory=lambda: OverloadConfig())
     #: OpenTelemetry spans (request, queue, batch, compute) over OTLP; off by default (docs/operations.md)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    #: the name ServerMetadata (gRPC) and GET /v2 report; scripts written for Triton that check it
+    #: for "triton" work with ``server_name: triton``
+    server_name: str = "modelyard"
 
     @property
     def repository_path(self) -> Path:

@@ -128,7 +128,7 @@ class ModelServer:
         guard = self.guard
         server = grpc.aio.server(options=options)
         self.servicer = InferenceServicer(self.repository, self.is_ready, self.shm, guard, s.max_message_bytes,
-                                          control=self.control)
+                                          control=self.control, server_name=s.server_name)
         add_inference_service(self.servicer, server)
         add_grpc_health(self.health, server, guard)
         add_health_service(self.health_report, server, guard)
@@ -142,7 +142,7 @@ class ModelServer:
         await server.start()
         self._grpc = server
         app = build_app(self.repository, self.metrics, self.is_ready, s.max_message_bytes, self.shm, guard,
-                        control=self.control)
+                        control=self.control, server_name=s.server_name)
         add_openai_routes(app)
         add_health_route(app, self.health_report)
         # bodies are decompressed by rest_api.read_body (a worker thread for big ones, 415 for unknown encodings)
@@ -264,6 +264,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "http_port": args.http_port,
         "models": args.model,
         "model_control_mode": args.model_control_mode,
+        "server_name": args.server_name,
         "repository_poll_secs": args.repository_poll_secs,
         "max_message_mb": args.max_message_mb,
         "grace": args.grace,
@@ -306,6 +307,9 @@ def register(sub: Any) -> None:
     p.add_argument("--load-model", "--model", dest="model", action="append", metavar="NAME",
                    help="load this model at start (repeatable; '*' alone = every model); for model control mode "
                         "explicit (default: none) and unset (default: every model in the repository)")
+    p.add_argument("--server-name", metavar="NAME",
+                   help=f"the name ServerMetadata and GET /v2 report (default {d('server_name')}; scripts written "
+                        "for Triton that check the name want 'triton')")
     p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"],
                    help="as Triton: none = load every model at start and refuse load/unload requests; poll = the "
                         "same, and rescan the repository every --repository-poll-secs (load new or changed models, "

@@ -16,7 +16,14 @@ from pathlib import Path
 from types import TracebackType
 
 from modelyard.server.admission import Admission
-from modelyard.server.errors import Cancelled, DeadlineExceeded, ModelNotReady, Overloaded, as_modelyard_error
+from modelyard.server.errors import (
+    Cancelled,
+    ConfigError,
+    DeadlineExceeded,
+    ModelNotReady,
+    Overloaded,
+    as_modelyard_error,
+)
 from modelyard.server.execution.instances import InstancePool, build_instances, devices_of
 from modelyard.server.metrics import ServerMetrics
 from modelyard.server.model_config import ModelConfig
@@ -49,6 +56,21 @@ def build_scheduler(cfg: ModelConfig, pool: InstancePool | None, observer: Batch
     if cfg.sequence_batching is not None:
         return SequenceBatcher(cfg, pool, observer)
     return DirectScheduler(pool, observer)
+
+
+def read_labels(cfg: ModelConfig, model_dir: Path) -> dict[str, list[str]]:
+    """Each output's ``label_filename`` (in the model directory), one label per line."""
+    labels: dict[str, list[str]] = {}
+    for i, spec in enumerate(cfg.outputs):
+        if not spec.label_filename:
+            continue
+        path = model_dir / spec.label_filename
+        try:
+            labels[spec.name] = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"output[{i}].label_filename: cannot read {spec.label_filename!r} in the model "
+                               f"directory ({type(exc).__name__})"], f"{cfg.name}/config.yaml") from None
+    return labels
 
 
 class Accounted:
@@ -125,6 +147,8 @@ class ModelVersion:
         self._idle.set()
         self.pool: InstancePool | None = None
         self.scheduler: Scheduler | None = None
+        #: output name -> its labels (``label_filename``), for the classification extension
+        self.labels: dict[str, list[str]] = {}
         #: the scheduler's infer, through the response cache when the model enables it (set on load)
         self._compute: Callable[[InferRequest], Awaitable[InferResponse]] | None = None
         self._labels = (self.name, self.version)
@@ -143,6 +167,9 @@ class ModelVersion:
         t0 = time.perf_counter()
         m = self.metrics
         try:
+            if any(spec.label_filename for spec in self.config.outputs):
+                self.labels = await asyncio.get_running_loop().run_in_executor(
+                    None, read_labels, self.config, self.path.parent)
             if self.config.ensemble_scheduling is None:  # an ensemble has no instances: its steps' models do
                 self.pool = await build_instances(self.config, self.version, self.path,
                                                   lambda i: m.instance_busy.labels(self.name, self.version, str(i)).inc)

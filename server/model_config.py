@@ -20,6 +20,7 @@ from modelyard.protos.tensors import CONFIG_TYPES, DTYPES
 #: not a datatype: configs that used it are told to declare one and list the others in accept_datatypes
 ANY = "ANY"
 INSTANCE_KINDS = ("CPU", "GPU", "AUTO")
+FORMATS = ("FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW")
 
 
 def _datatype(raw: Any) -> Any:
@@ -43,6 +44,10 @@ class TensorSpec:
     #: modelyard: other datatypes this tensor also takes (inputs) or may have (outputs, left uncast);
     #: the protocol's metadata has room for one datatype, so only ``datatype`` is reported
     accept_datatypes: list[str] = field(default_factory=list)
+    #: inputs: Triton's image layout hint FORMAT_NONE / FORMAT_NHWC / FORMAT_NCHW (reported in the config)
+    format: str = "FORMAT_NONE"
+    #: outputs: a file in the model directory with one label per line, for the classification extension
+    label_filename: str = ""
 
     @classmethod
     def normalize(cls, raw: Any) -> Any:
@@ -52,6 +57,9 @@ class TensorSpec:
         for key in ("data_type", "datatype"):
             if key in out:
                 out[key] = _datatype(out[key])
+        if isinstance(out.get("format"), str):
+            fmt = out["format"].upper()
+            out["format"] = fmt if fmt.startswith("FORMAT_") else f"FORMAT_{fmt}"
         if isinstance(out.get("accept_datatypes"), list):
             out["accept_datatypes"] = [_datatype(d) for d in out["accept_datatypes"]]
         return out
@@ -65,6 +73,10 @@ class TensorSpec:
                                    "the tensor takes in accept_datatypes")
         elif self.datatype not in DTYPES:
             check.fail("datatype", f"unknown datatype {self.datatype!r}; one of {', '.join(DTYPES)}")
+        check(self.format in FORMATS, "format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        f = self.label_filename
+        check(not f or (Path(f).name == f and f not in (".", "..")), "label_filename",
+              f"must be a file name in the model directory, got {f!r}")
         bad = [d for d in self.accept_datatypes if d not in DTYPES]
         check(not bad, "accept_datatypes", f"unknown datatype(s) {bad}; one of {', '.join(DTYPES)}")
         if self.dims is None:
@@ -597,9 +609,11 @@ def to_proto(cfg: ModelConfig) -> mc.ModelConfig:
         default_model_filename=cfg.default_model_filename,
     )
     for spec in cfg.inputs:
-        msg.input.add(name=spec.name, data_type=_proto_dtype(spec.datatype), dims=spec.dims or [-1], optional=spec.optional)
+        msg.input.add(name=spec.name, data_type=_proto_dtype(spec.datatype), dims=spec.dims or [-1], optional=spec.optional,
+                      format=mc.ModelInput.Format.Value(spec.format))
     for spec in cfg.outputs:
-        msg.output.add(name=spec.name, data_type=_proto_dtype(spec.datatype), dims=spec.dims or [-1])
+        msg.output.add(name=spec.name, data_type=_proto_dtype(spec.datatype), dims=spec.dims or [-1],
+                       label_filename=spec.label_filename)
     vp = cfg.version_policy
     if vp.kind == "all":
         msg.version_policy.all.SetInParent()

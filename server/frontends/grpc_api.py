@@ -106,8 +106,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool],
                  shm: SharedMemoryRegistry | None = None, guard: Guard | None = None,
-                 max_elements: int | None = None, *, control: ModelControl | None = None) -> None:
+                 max_elements: int | None = None, *, control: ModelControl | None = None,
+                 server_name: str = "modelyard") -> None:
         self.repo = repository
+        self.server_name = server_name
         #: load / unload requests (the server's --model-control-mode; default: allowed)
         self.control = control if control is not None else ModelControl(repository)
         #: the most elements an input's shape may have (the message size limit; None: int64)
@@ -140,7 +142,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --------------------------------------------------------------- metadata
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="modelyard", version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=self.server_name, version=__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         return pb.ModelMetadataResponse(**self.repo.metadata(request.name, request.version))
@@ -182,7 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         mv = self.repo.get(request.model_name, request.model_version)
         req = await self._decode(request, context)
         refs = output_refs(self.shm, req) if req.output_parameters else {}
-        resp = apply_classification(req, await mv.infer(req), mv.config)
+        resp = apply_classification(req, await mv.infer(req), mv.config, mv.labels)
         written = await write_outputs(self.shm, resp, mv.config, refs) if refs else None
         return encode_response(resp, mv.config, written=written)
 
@@ -223,7 +225,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     if queued.get(key) is mine:  # type: ignore[arg-type]
                         del queued[key]  # type: ignore[arg-type]
                 async for resp in mv.stream(req):
-                    resp = apply_classification(req, resp, mv.config)
+                    resp = apply_classification(req, resp, mv.config, mv.labels)
                     written = await write_outputs(self.shm, resp, mv.config, refs) if refs else None
                     await out.put(pb.ModelStreamInferResponse(infer_response=encode_response(
                         resp, mv.config, decoupled=mv.config.decoupled, written=written)))

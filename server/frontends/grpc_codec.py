@@ -59,9 +59,11 @@ def decode_request(msg: pb.ModelInferRequest, time_remaining: float | None = Non
                 if tensor.HasField("contents"):
                     raise InvalidInput(f"input '{name}': both shared_memory_region and contents are set; use one")
                 pending.append(ref)
-        if raw and any(t.HasField("contents") for t in msg.inputs):
-            raise InvalidInput("both raw_input_contents and typed contents are set: send every input's data "
-                               "in raw_input_contents or every input's in contents, not both")
+        if raw:
+            typed = next((t.name for t in msg.inputs if t.HasField("contents")), None)
+            if typed is not None:  # Triton's text, which its clients' scripts look for
+                raise InvalidInput(f"contents field must not be specified when using raw_input_contents for "
+                                   f"'{typed}' for model '{msg.model_name}'")
         n_data = shm_flags.count(False)
         if raw and len(raw) != n_data:
             raise InvalidInput(

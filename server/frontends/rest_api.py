@@ -545,7 +545,7 @@ def _proto_scalar(fd: FieldDescriptor, value: Any) -> Any:
 
 def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Callable[[], bool], max_body: int,
               shm: SharedMemoryRegistry | None = None, guard: Guard | None = None, *,
-              control: ModelControl | None = None) -> web.Application:
+              control: ModelControl | None = None, server_name: str = "modelyard") -> web.Application:
     """The REST application; extra routes (OpenAI adapters, /health...) may be added by the caller.
     With ``guard``, every request is authenticated, rate-limited and authorized (server/guard.py)."""
     # request_context first: the request id (and span) cover the error mapping's log lines too
@@ -570,7 +570,7 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
         return await respond_json(request, {"ready": ok}, status=200 if ok else 503)
 
     async def server_metadata(request: web.Request) -> web.Response:
-        return await respond_json(request, {"name": "modelyard", "version": __version__, "extensions": EXTENSIONS})
+        return await respond_json(request, {"name": server_name, "version": __version__, "extensions": EXTENSIONS})
 
     def _version(request: web.Request) -> str:
         return request.match_info.get("version", "")
@@ -600,7 +600,7 @@ def build_app(repository: ModelRepository, metrics: ServerMetrics, is_ready: Cal
         if decoded.pending:
             await read_inputs(registry, req, decoded.pending)
         refs = output_refs(registry, req) if req.output_parameters else {}
-        resp = apply_classification(req, await mv.infer(req), mv.config)
+        resp = apply_classification(req, await mv.infer(req), mv.config, mv.labels)
         written = await write_outputs(registry, resp, mv.config, refs) if refs else {}
         big = sum(getattr(v, "nbytes", 0) for v in resp.outputs.values()) > INLINE_BYTES
         head, tail = await offload(big, encode_infer, resp, mv.config, decoded, written)

@@ -159,8 +159,9 @@ def classification_count(req: InferRequest, name: str) -> int:
     return k
 
 
-def classify(arr: np.ndarray, k: int, batched: bool) -> np.ndarray:
-    """Triton's classification extension: the top ``k`` entries as BYTES ``"value:index"`` per row."""
+def classify(arr: np.ndarray, k: int, batched: bool, labels: list[str] | None = None) -> np.ndarray:
+    """Triton's classification extension: the top ``k`` entries as BYTES ``"value:index"`` per row,
+    ``"value:index:label"`` when the output has labels (``label_filename``)."""
     if arr.dtype == object:
         raise InvalidInput("classification needs a numeric output, got BYTES")
     rows = arr.reshape(arr.shape[0], -1) if batched and arr.ndim else arr.reshape(1, -1)
@@ -168,12 +169,14 @@ def classify(arr: np.ndarray, k: int, batched: bool) -> np.ndarray:
     order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
     out = np.empty((rows.shape[0], k), dtype=object)
     for r in range(rows.shape[0]):
-        out[r, :] = [f"{float(rows[r, i]):f}:{int(i)}".encode() for i in order[r]]
+        out[r, :] = [(f"{float(rows[r, i]):f}:{int(i)}:{labels[i]}" if labels is not None and i < len(labels)
+                      else f"{float(rows[r, i]):f}:{int(i)}").encode() for i in order[r]]
     return out if batched else out.reshape(k)
 
 
-def apply_classification(req: InferRequest, resp: InferResponse, cfg: ModelConfig | None) -> InferResponse:
-    """Replace the outputs the client asked to classify by their top-k labels."""
+def apply_classification(req: InferRequest, resp: InferResponse, cfg: ModelConfig | None,
+                         labels: dict[str, list[str]] | None = None) -> InferResponse:
+    """Replace the outputs the client asked to classify by their top-k entries (with ``labels`` by output)."""
     if not req.output_parameters:
         return resp
     batched = bool(cfg is not None and cfg.max_batch_size > 0)
@@ -182,7 +185,7 @@ def apply_classification(req: InferRequest, resp: InferResponse, cfg: ModelConfi
     for name in resp.outputs:
         k = classification_count(req, name)
         if k:
-            changed[name] = classify(np.asarray(resp.outputs[name]), k, batched)
+            changed[name] = classify(np.asarray(resp.outputs[name]), k, batched, labels.get(name) if labels else None)
             classified = True
     if not classified:
         return resp

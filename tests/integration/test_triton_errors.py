@@ -262,3 +262,23 @@ def test_model_ready_with_a_bad_version_string_is_invalid_argument(server, clien
     assert err.status() == INVALID[0] and "version string 'one'" in err.message()
     status, _, body = request(server, "GET", "/v2/models/add_sub/versions/one/ready")
     assert status == 400 and "version string 'one'" in body["error"]
+
+
+def test_typed_contents_with_raw_contents_is_refused_in_triton_words(server) -> None:  # type: ignore[no-untyped-def]
+    """Triton's grpc_explicit_int_content example checks this text."""
+    import grpc
+
+    from modelyard.protos import grpc_service_pb2 as pb
+    from modelyard.protos import grpc_service_pb2_grpc as pb_grpc
+
+    msg = pb.ModelInferRequest(model_name="add_sub")
+    a = msg.inputs.add(name="INPUT0", datatype="FP32", shape=[4])
+    a.contents.fp32_contents.extend([1.0] * 4)
+    msg.inputs.add(name="INPUT1", datatype="FP32", shape=[4])
+    msg.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+    with grpc.insecure_channel(server.grpc_url.removeprefix("http://")) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(msg, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == ("contents field must not be specified when using raw_input_contents for "
+                                    "'INPUT0' for model 'add_sub'")
