@@ -172,6 +172,12 @@ def _strip(url: str) -> str:
 
 
 def _server_args(kind: str, tmp: Path) -> list[str] | None:
+    # the health/metadata examples check that the server calls itself "triton"
+    args = _mode_args(kind, tmp)
+    return None if args is None else [*args, "--server-name", "triton"]
+
+
+def _mode_args(kind: str, tmp: Path) -> list[str] | None:
     if kind == "default":
         return ["--model-repository", str(REPOSITORY)]
     if kind == "explicit8":
