@@ -1,4 +1,4 @@
-"""examples/triton/model_repository (the models Triton's client examples expect, as python models) loads
+"""examples/triton-client-examples-client-examples/model_repository (the models Triton's client examples expect, as python models) loads
 in ``modelyard serve`` and answers what those examples check, through tritonclient."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-REPOSITORY = Path(__file__).resolve().parents[2] / "examples" / "triton" / "model_repository"
+REPOSITORY = Path(__file__).resolve().parents[2] / "examples" / "triton-client-examples" / "model_repository"
 VALUES = [11, 7, 5, 3, 2, 0, 1]
 
 

@@ -4,10 +4,10 @@
 The examples are not part of this repository: fetch them from triton-inference-server/client
 (``src/python/examples/``) into a directory and point this script at it::
 
-    .venv/bin/python examples/triton/run_examples.py /tmp/triton-examples
+    .venv/bin/python examples/triton-client-examples-client-examples/run_examples.py /tmp/triton-examples
 
 For every example it knows (``RUNS`` below: script, arguments, which server) that exists in that
-directory, it starts ``modelyard serve`` on ``examples/triton/model_repository`` (free ports,
+directory, it starts ``modelyard serve`` on ``examples/triton-client-examples-client-examples/model_repository`` (free ports,
 through ``modelyard.launcher``; one server at a time), runs the script with ``-u host:port`` of the
 gRPC or HTTP endpoint, as the script expects, and records PASS / FAIL / SKIP with the last lines
 of its output. A run passes when the script exits 0 and, if the script has a ``PASS`` line to
