@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from modelyard.balancer.endpoint import Endpoint, Outcome
@@ -37,6 +36,7 @@ from modelyard.balancer.grpcwire import (
 from modelyard.balancer.h2.connection import CANCEL, NO_ERROR, Stream
 from modelyard.balancer.h2.hpack import Headers, encode
 from modelyard.balancer.request_head import RequestHead
+from modelyard.balancer.routing import Resolver
 from modelyard.balancer.tracing import CallTrace
 from modelyard.security.guard import Refused
 
@@ -106,8 +106,8 @@ class Call:
     """One proxied call: the handler of the client's stream."""
 
     __slots__ = ("attempts", "buffered", "buffered_bytes", "deadline", "down", "head", "pool", "proxy", "req_done",
-                 "resolve", "retry_held", "retryable", "scan", "start", "state", "timer", "trace", "tried", "tries",
-                 "winner")
+                 "resolve", "retry_held", "retryable", "scan", "sequence", "start", "state", "timer", "trace", "tried",
+                 "tries", "winner")
 
     def __init__(self, proxy: Proxy, down: Stream, head: RequestHead, req_done: bool) -> None:
         self.proxy = proxy
@@ -129,7 +129,10 @@ class Call:
         self.req_done = req_done
         #: a unary method: its request bytes are kept until a response starts, so it can be sent again
         self.retryable = head.unary
-        self.resolve: Callable[[bytes | None], str | None] | None = None
+        self.resolve: Resolver | None = None
+        #: the sequence-affinity key (model, ``sequence_id``) of its first message: the call is pinned to
+        #: the endpoint that owns the key, never retried elsewhere nor hedged (balancer/affinity.py)
+        self.sequence: bytes | None = None
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.start = 0.0

@@ -219,6 +219,9 @@ class PoolConfig:
     activator: ActivatorConfig = field(default_factory=ActivatorConfig)
     #: TLS / mTLS to this pool's endpoints (gRPC data, health checks, REST)
     tls: UpstreamTlsConfig = field(default_factory=UpstreamTlsConfig)
+    #: requests of one Triton sequence (same model and ``sequence_id`` parameter) go to one endpoint, chosen
+    #: by rendezvous hashing, and are never retried elsewhere nor hedged (balancer/affinity.py)
+    sequence_affinity: bool = True
 
     def validate(self, check: Check) -> None:
         if self.picker not in PICKERS:

@@ -34,6 +34,7 @@ import ssl
 import time
 
 from modelyard import tracing
+from modelyard.balancer.affinity import pick_by_key, sequence_key
 from modelyard.balancer.call import Attempt, Call, State
 from modelyard.balancer.downstream import DownstreamConnection
 from modelyard.balancer.endpoint import NoEndpoint, Outcome
@@ -56,7 +57,7 @@ from modelyard.balancer.limits import DEFAULT_LIMITS, LimitsConfig
 from modelyard.balancer.pool import Pool
 from modelyard.balancer.request_head import HeadCache, RequestHead
 from modelyard.balancer.retry import backoff, decide_retry
-from modelyard.balancer.routing import Router
+from modelyard.balancer.routing import Router, peek_model_name, peek_sequence_id
 from modelyard.balancer.tracing import start_call
 from modelyard.clock import MONOTONIC, Clock
 from modelyard.security.guard import Guard, Refused
@@ -106,6 +107,8 @@ class Proxy:
         self.ssl: ssl.SSLContext | None = None
         for pool in pools.values():
             pool.on_ready = lambda p=pool: self.release_held(p)
+        #: some pool pins sequences: ModelInfer / ModelStreamInfer wait for their first message's sequence_id
+        self.pins_sequences = any(p.config.sequence_affinity for p in pools.values())
 
     # ------------------------------------------------------------------ listening
 
@@ -168,14 +171,15 @@ class Proxy:
             self.respond_locally(call, NOT_SERVING_RESPONSE)
             return
         needs_model, resolve = self.router.resolver(head.method)
-        if needs_model:
+        if needs_model or (head.sequenced and self.pins_sequences):
             call.resolve = resolve
             self.try_route(call)
         else:
             self.dispatch(call, resolve(None))
 
     def try_route(self, call: Call) -> None:
-        """Model routing: dispatch once the first message's model name can be read."""
+        """Model routing and sequence affinity: dispatch once the first message's model name and
+        ``sequence_id`` can be read (or the message ends, or 4 KiB of it came)."""
         buf = b"".join(call.buffered or ())
         resolve = call.resolve
         assert resolve is not None
@@ -190,7 +194,12 @@ class Proxy:
         elif not call.req_done:
             return
         call.resolve = None
-        self.dispatch(call, resolve(msg))
+        key = None
+        if msg is not None and call.head.sequenced and self.pins_sequences:
+            seq = peek_sequence_id(msg)
+            if seq is not None:
+                key = call.sequence = sequence_key(peek_model_name(msg), seq)
+        self.dispatch(call, resolve(msg, key))
 
     def dispatch(self, call: Call, pool_name: str | None) -> None:
         pool = self.pools.get(pool_name) if pool_name is not None else None
@@ -198,6 +207,11 @@ class Proxy:
             call.fail(UNIMPLEMENTED, f"no route for {call.head.method}")
             return
         call.pool = pool
+        if call.sequence is not None:
+            if pool.config.sequence_affinity:
+                pool.stats.count(pool.name, "sequence_pinned")
+            else:
+                call.sequence = None
         over = pool.enter()
         if over is not None:
             call.fail(RESOURCE_EXHAUSTED, over)
@@ -239,10 +253,11 @@ class Proxy:
         now = self.clock.now()
         exclude = call.tried
         trace = call.trace
+        key = call.sequence
         pick_ns = time.perf_counter_ns() if trace is not None else 0
         for _ in range(4):  # an endpoint can be retired between snapshot and pick
             try:
-                ep = pool.picker.pick(pool.snapshot, exclude)
+                ep = pool.picker.pick(pool.snapshot, exclude) if key is None else pick_by_key(pool.snapshot, key)
             except NoEndpoint as exc:
                 if call.tries == 0 and pool.config.activator.enabled and not pool.snapshot.entries:
                     self.hold(call, pool)
@@ -262,7 +277,8 @@ class Proxy:
         if pool.snapshot.panic:
             pool.stats.count(pool.name, "panic_picks")
         if trace is not None:
-            trace.picked(pick_ns, pool.name, pool.picker.name, ep.address, call.tries + 1)
+            trace.picked(pick_ns, pool.name, pool.picker.name if key is None else "sequence_affinity", ep.address,
+                         call.tries + 1)
         call.tries += 1
         call.state = State.ATTEMPTING
         a = Attempt(call, ep, call.tries, now)
@@ -310,7 +326,7 @@ class Proxy:
                 conn.send_data(ust, chunk, done and i == last)
         if not call.retryable:
             call.buffered = None
-        elif head.idempotent and pool.config.hedge.enabled:
+        elif head.idempotent and pool.config.hedge.enabled and key is None:
             a.timer = asyncio.get_running_loop().call_later(ep.rtt.timeout(pool.config.hedge), a.per_try_timeout)
 
     # ------------------------------------------------------------------ scale from zero
@@ -355,7 +371,7 @@ class Proxy:
                          now=self.clock.now(), deadline=call.deadline,
                          backoff_delay=backoff(call.tries, cfg.retry, self.rng),
                          retries_in_flight=pool.active_retries, max_retries=cfg.circuit_breakers.max_retries,
-                         budget_available=pool.budget.available())
+                         budget_available=pool.budget.available(), pinned=call.sequence is not None)
         pool.count_retry_decision(d.counter)
         if not d.go:
             return False

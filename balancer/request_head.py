@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from modelyard.balancer.grpcwire import parse_timeout
 from modelyard.balancer.h2.hpack import Headers, encode_field
+from modelyard.balancer.routing import SEQUENCE_METHODS
 from modelyard.security.rules import Rule, rule_for
 
 #: RFC 7540 8.1.2.2: connection-specific headers, never forwarded
@@ -15,7 +16,7 @@ class RequestHead:
     """What the proxy needs from a request's headers; cached per header list (without a timeout)."""
 
     __slots__ = ("authorization", "block", "error", "has_authority", "idempotent", "method", "path", "rule",
-                 "timeout", "traceparent", "unary")
+                 "sequenced", "timeout", "traceparent", "unary")
 
     def __init__(self, headers: Headers, unary: frozenset[bytes] = frozenset(),
                  idempotent: frozenset[bytes] = frozenset()) -> None:
@@ -57,6 +58,8 @@ class RequestHead:
         #: a unary method (its request can be kept and sent again), and one safe to send twice (hedging)
         self.unary = path in unary
         self.idempotent = self.unary and path in idempotent
+        #: its first message may carry a ``sequence_id`` (sequence affinity peeks it)
+        self.sequenced = self.method in SEQUENCE_METHODS
         if verb != b"POST":
             self.error = (b"405", f"gRPC needs POST, not {verb.decode('latin-1') or 'nothing'}")
         elif not ctype.startswith(b"application/grpc"):

@@ -153,14 +153,18 @@ class RetryDecision:
 
 def decide_retry(kind: str, *, retryable: bool, idempotent: bool, response_started: bool, attempts: int,
                  max_attempts: int, candidates: int, now: float, deadline: float | None, backoff_delay: float,
-                 retries_in_flight: int, max_retries: int, budget_available: bool) -> RetryDecision:
+                 retries_in_flight: int, max_retries: int, budget_available: bool,
+                 pinned: bool = False) -> RetryDecision:
     """Another attempt of a call: a ``"retry"`` after a failure (with backoff) or a ``"hedge"`` after a
-    per-try timeout (at once, the first attempt keeps running). Pure: the caller counts ``counter`` and,
+    per-try timeout (at once, the first attempt keeps running). ``pinned``: the call belongs to a sequence
+    whose state is on its endpoint only (sequence affinity). Pure: the caller counts ``counter`` and,
     when ``go``, takes the budget."""
     if response_started:
         return RetryDecision(False, "retry_after_response")  # bytes reached the client: nothing to redo
     if not retryable:
         return RetryDecision(False, "retry_not_retryable")  # a stream, or a request too big to keep
+    if pinned:
+        return RetryDecision(False, "retry_pinned")  # another endpoint does not have the sequence's state
     if kind == "hedge" and not idempotent:
         return RetryDecision(False, "hedge_not_idempotent")  # the first attempt may have changed state
     if attempts >= max_attempts:

@@ -38,6 +38,7 @@ from typing import cast
 import httptools
 
 from modelyard import tracing
+from modelyard.balancer.affinity import pick_by_key, sequence_key
 from modelyard.balancer.endpoint import Endpoint, NoEndpoint, Outcome
 from modelyard.balancer.pool import Pool
 from modelyard.balancer.rest.config import RestConfig
@@ -45,12 +46,16 @@ from modelyard.balancer.rest.upstream import HttpConnection, HttpUpstream
 from modelyard.balancer.rest.wire import (
     HOP_HEADERS,
     IDEMPOTENT_METHODS,
+    SEQUENCE_MARKER,
     BadBody,
     code_name,
     error_response,
+    json_length,
+    mentions,
     model_from_body,
     model_from_path,
     outcome_of,
+    sequence_from_json,
     status_line,
 )
 from modelyard.balancer.retry import RetryDecision, backoff, decide_retry
@@ -113,6 +118,7 @@ class RestCall:
         "proxy",
         "rechunk",
         "retry_after",
+        "sequence",
         "started",
         "state",
         "status",
@@ -172,6 +178,9 @@ class RestCall:
         self.caller: Caller | None = None
         #: Retry-After seconds of a rate-limited answer
         self.retry_after: int | None = None
+        #: the sequence-affinity key (model, ``sequence_id``): pinned to the endpoint that owns it, never
+        #: retried elsewhere (balancer/affinity.py)
+        self.sequence: bytes | None = None
 
     # ------------------------------------------------------------------ routing
 
@@ -202,7 +211,36 @@ class RestCall:
                 return
         else:
             self.model = model_from_path(self.path)
+            if self.body_len and proxy.pins_sequences and self.method == b"POST" and self.path.endswith(b"/infer") \
+                    and self.path.startswith(b"/v2/models/") and not self.find_sequence():
+                return  # parsed in a worker thread: routed when done
         self.route()
+
+    def find_sequence(self) -> bool:
+        """Sequence affinity: the ``parameters.sequence_id`` of an inference request, from the body's JSON
+        (its JSON part, with Triton's binary data extension), which is parsed only when it mentions
+        ``"sequence_id"``. False when a big JSON went to a worker thread (:meth:`_sequence_parsed` routes)."""
+        limit = json_length(self.headers)
+        if not mentions(self.body, SEQUENCE_MARKER, limit):
+            return True
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        doc = body if limit is None else body[:limit]
+        if len(doc) > INLINE_JSON_BYTES:
+            task = asyncio.get_running_loop().run_in_executor(None, sequence_from_json, doc)
+            task.add_done_callback(self._sequence_parsed)
+            return False
+        self.pin(sequence_from_json(doc))
+        return True
+
+    def _sequence_parsed(self, fut: asyncio.Future[int | str | None]) -> None:
+        if self.state == DONE:
+            return
+        self.pin(None if fut.exception() is not None else fut.result())
+        self.route()
+
+    def pin(self, sequence_id: int | str | None) -> None:
+        if sequence_id is not None:
+            self.sequence = sequence_key(self.model, sequence_id)
 
     def _model_parsed(self, fut: asyncio.Future[str]) -> None:
         if self.state == DONE:
@@ -240,13 +278,18 @@ class RestCall:
             except Refused as exc:
                 self.reply_error(exc.http, exc.message)
                 return
-        name = proxy.router.rest_pool(self.model)
+        name = proxy.router.rest_pool(self.model, self.sequence)
         pool = proxy.pools.get(name) if name is not None else None
         if pool is None:
             what = f"model '{self.model}'" if self.model is not None else self.path.decode("latin-1")
             self.reply_error(404, f"no route for {what} in the balancer")
             return
         self.pool = pool
+        if self.sequence is not None:
+            if pool.config.sequence_affinity:
+                pool.stats.count(pool.name, "sequence_pinned")
+            else:
+                self.sequence = None
         over = pool.enter()
         if over is not None:
             self.reply_error(503, over)
@@ -269,10 +312,12 @@ class RestCall:
         proxy = self.proxy
         exclude = self.tried
         trace = self.trace
+        key = self.sequence
         pick_ns = time.perf_counter_ns() if trace is not None else 0
         for _ in range(4):  # an endpoint can be retired between snapshot and pick
             try:
-                ep = pool.picker.pick(pool.http_snapshot, exclude)
+                ep = pool.picker.pick(pool.http_snapshot, exclude) if key is None \
+                    else pick_by_key(pool.http_snapshot, key)
             except NoEndpoint:
                 if self.tries == 0 and pool.config.activator.enabled and not pool.snapshot.entries:
                     proxy.hold(self, pool)
@@ -294,7 +339,8 @@ class RestCall:
         if pool.http_snapshot.panic:
             pool.stats.count(pool.name, "panic_picks")
         if trace is not None:
-            trace.picked(pick_ns, pool.name, pool.picker.name, ep.http or ep.address, self.tries + 1)
+            trace.picked(pick_ns, pool.name, pool.picker.name if key is None else "sequence_affinity",
+                         ep.http or ep.address, self.tries + 1)
         now = proxy.clock.now()
         self.tries += 1
         self.state = ATTEMPTING
@@ -373,7 +419,7 @@ class RestCall:
                          now=proxy.clock.now(), deadline=self.deadline,
                          backoff_delay=backoff(self.tries, cfg.retry, proxy.rng),
                          retries_in_flight=pool.active_retries, max_retries=cfg.circuit_breakers.max_retries,
-                         budget_available=pool.budget.available())
+                         budget_available=pool.budget.available(), pinned=self.sequence is not None)
         pool.count_retry_decision(d.counter)
         return d
 
@@ -813,6 +859,8 @@ class RestProxy:
         self.ssl: ssl.SSLContext | None = None
         for pool in pools.values():
             pool.ready_listeners.append(lambda p=pool: self.release_held(p))
+        #: some pool pins sequences: inference requests are looked at for a ``sequence_id``
+        self.pins_sequences = any(p.config.sequence_affinity for p in pools.values())
 
     def loop_time(self) -> float:
         loop = self._loop

@@ -88,6 +88,57 @@ def model_from_body(body: bytes) -> str:
     return model
 
 
+#: a KServe v2 inference request's JSON is parsed for its ``parameters.sequence_id`` only when it holds this
+SEQUENCE_MARKER = b'"sequence_id"'
+#: Triton's binary data extension: the body is this many bytes of JSON, then the tensors' bytes
+JSON_LENGTH_HEADER = b"inference-header-content-length"
+
+
+def json_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The size of the JSON part of a body sent with Triton's binary data extension; None without one
+    (the whole body is JSON) or when the header is not a number."""
+    for name, value in headers:
+        if len(name) == 31 and name.lower() == JSON_LENGTH_HEADER:
+            return int(value) if value.strip().isdigit() else None
+    return None
+
+
+def mentions(chunks: list[bytes], needle: bytes, limit: int | None = None) -> bool:
+    """Whether ``needle`` occurs in the first ``limit`` bytes (all: None) of the body read as ``chunks``,
+    looked for chunk by chunk (the body is never joined for it)."""
+    k = len(needle) - 1
+    tail = b""  # the last k bytes before this chunk: a needle across chunks starts there
+    seen = 0
+    for chunk in chunks:
+        if limit is not None:
+            if seen >= limit:
+                return False
+            if len(chunk) > limit - seen:
+                chunk = chunk[:limit - seen]
+        seen += len(chunk)
+        if needle in chunk or (tail and needle in tail + chunk[:k]):
+            return True
+        tail = chunk[-k:] if len(chunk) >= k else (tail + chunk)[-k:]
+    return False
+
+
+def sequence_from_json(doc: bytes) -> int | str | None:
+    """The ``parameters.sequence_id`` of a KServe v2 inference request's JSON: a non-zero unsigned 64-bit
+    int or a non-empty string (1 and "1" are different sequences); None when absent, another type, or
+    the JSON is not valid (the replica answers that one)."""
+    try:
+        req = json.loads(doc)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    params = req.get("parameters") if isinstance(req, dict) else None
+    seq = params.get("sequence_id") if isinstance(params, dict) else None
+    if isinstance(seq, bool):
+        return None
+    if isinstance(seq, int):
+        return seq if 0 < seq < 1 << 64 else None
+    return seq if isinstance(seq, str) and seq else None
+
+
 def error_body(status: int, message: str, openai: bool) -> bytes:
     """KServe's ``{"error": "..."}``; on the OpenAI-style paths OpenAI's ``{"error": {"message", ...}}``
     (what the server answers on the same paths)."""
