@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 
 from modelyard.balancer.app import Balancer
 from modelyard.balancer.config import config_from_dict
-from modelyard.launcher import ServerProcess
+from modelyard.launcher import BalancerProcess, ServerProcess, free_port
 from modelyard.protos import grpc_service_pb2 as pb
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -116,8 +116,8 @@ def requests_by_replica(b: Balancer) -> dict[str, int]:
 async def test_interleaved_unary_sequences_each_reach_their_replica(replicas: list[ServerProcess]) -> None:
     # 8 sequences (integer and string IDs), one call each in turn: round robin alone would send every
     # request after the first to a replica that never saw the START
-    seqs: dict[int | str, list[int]] = {sid: [i * 10 + v for v in VALUES] for i, sid in
-                                        enumerate([1, 2, 3, 4, 5, 2**40 + 5, "chat-a", "chat-b"])}
+    ids: list[int | str] = [1, 2, 3, 4, 5, 2**40 + 5, "chat-a", "chat-b"]
+    seqs = {sid: [i * 10 + v for v in VALUES] for i, sid in enumerate(ids)}
     async with balancer([member(p) for p in replicas]) as b:
         def drive() -> dict[int | str, list[int]]:
             got: dict[int | str, list[int]] = {sid: [] for sid in seqs}
@@ -168,7 +168,8 @@ async def test_a_stream_meets_the_unary_requests_of_its_sequence(replicas: list[
 
 
 async def test_rest_sequences_are_pinned_and_meet_their_grpc_requests(replicas: list[ServerProcess]) -> None:
-    seqs: dict[int | str, list[int]] = {sid: [i + v for v in VALUES] for i, sid in enumerate([7, 8, 9, "rest-s"])}
+    ids: list[int | str] = [7, 8, 9, "rest-s"]
+    seqs = {sid: [i + v for v in VALUES] for i, sid in enumerate(ids)}
     async with balancer([member(p) for p in replicas]) as b:
         def drive() -> dict[int | str, list[int]]:
             got: dict[int | str, list[int]] = {sid: [] for sid in seqs}
@@ -184,7 +185,9 @@ async def test_rest_sequences_are_pinned_and_meet_their_grpc_requests(replicas: 
                             binary = (i + n) % 2 == 0  # JSON data, or Triton's binary data extension
                             inp = inputs(values[i], httpclient)
                             inp[0].set_data_from_numpy(np.full((1, 1), values[i], np.int32), binary_data=binary)
-                            got[sid].append(output(http.infer("accumulate", inp, **flags)))
+                            # one JSON over 256 KiB: its sequence_id is parsed in a worker thread
+                            big = {"request_id": "r" * 300_000} if sid == "rest-s" and i == 3 else {}
+                            got[sid].append(output(http.infer("accumulate", inp, **flags, **big)))
             finally:
                 http.close()
             return got
@@ -193,6 +196,28 @@ async def test_rest_sequences_are_pinned_and_meet_their_grpc_requests(replicas: 
         for sid, values in seqs.items():
             assert got[sid] == sums(values), sid
         assert b.stats.events[("p", "sequence_pinned")] == len(seqs) * len(VALUES)
+
+
+def test_every_worker_process_pins_a_sequence_to_the_same_replica(replicas: list[ServerProcess]) -> None:
+    # a new connection per request: SO_REUSEPORT hands them to either worker, and each hashes alike
+    seqs = {300 + i: [i + v for v in VALUES] for i in range(6)}
+    cfg = {"listeners": [{"address": f"127.0.0.1:{free_port()}"}], "admin": {"address": "127.0.0.1:0"},
+           "workers": 2,
+           "pools": {"p": {"picker": "round_robin", "endpoints": {"static": [p.endpoints.grpc for p in replicas
+                                                                              if p.endpoints is not None]}}}}
+    b = BalancerProcess(config=cfg, extra_args=["--log-level", "WARNING"])
+    b.start()
+    try:
+        got: dict[int, list[int]] = {sid: [] for sid in seqs}
+        for i in range(len(VALUES)):
+            for sid, values in seqs.items():
+                with grpcclient.InferenceServerClient(f"127.0.0.1:{b.port}") as c:
+                    got[sid].append(output(c.infer("accumulate", inputs(values[i]), sequence_id=sid,
+                                                   sequence_start=i == 0, sequence_end=i == len(VALUES) - 1)))
+    finally:
+        b.stop()
+    for sid, values in seqs.items():
+        assert got[sid] == sums(values), sid
 
 
 # ---------------------------------------------------------------------- in-test backends

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -22,7 +23,7 @@ from modelyard.protos import grpc_service_pb2 as pb
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def request(model: str = "acc", **params: object) -> pb.ModelInferRequest:
+def request(model: str = "acc", **params: Any) -> pb.ModelInferRequest:
     """A ModelInferRequest as tritonclient builds one: parameters, then an input and its raw bytes."""
     req = pb.ModelInferRequest(model_name=model, model_version="1", id="req-7")
     for name, value in params.items():
@@ -107,7 +108,7 @@ def test_peek_survives_garbage(buf: bytes) -> None:
 @given(st.one_of(st.integers(1, 2**64 - 1), st.text(min_size=1, max_size=40)),
        st.dictionaries(st.text(max_size=10).filter(lambda k: k not in ("sequence_id", "model")), st.integers(0, 2**60), max_size=4))
 def test_peek_agrees_with_the_protobuf_parse(seq: int | str, others: dict[str, int]) -> None:
-    req = request(**others)
+    req = request("acc", **others)
     if isinstance(seq, int):
         req.parameters["sequence_id"].uint64_param = seq
     else:
@@ -125,6 +126,7 @@ def test_rest_json_sequence_id_int_string_and_not() -> None:
 
     assert sequence_from_json(body({"sequence_id": 7, "sequence_start": True})) == 7
     assert sequence_from_json(body({"sequence_id": "abc"})) == "abc"
+    bad: object
     for bad in ({"sequence_id": 0}, {"sequence_id": ""}, {"sequence_id": True}, {"sequence_id": 1.0},
                 {"sequence_id": -1}, {"sequence_id": 2**64}, {}, [], "x"):
         assert sequence_from_json(body(bad)) is None, bad
