@@ -156,14 +156,16 @@ def test_autoscale_daemon_holds_when_metrics_are_down_and_leaves_replicas_on_sig
                 assert daemon.endpoints is not None and daemon.endpoints.admin
                 deadline = time.monotonic() + 30
                 text, holds = "", 0.0
-                while time.monotonic() < deadline and holds < 5:
+                ready = 'modelyard_autoscaler_ready_replicas{pool="text"} 1.0'
+                # the replica starts meanwhile (seconds on a loaded machine): wait for both, not just the holds
+                while time.monotonic() < deadline and (holds < 5 or ready not in text):
                     with urllib.request.urlopen(f"http://{daemon.endpoints.admin}/metrics", timeout=5) as r:
                         text = r.read().decode()
                     key = 'modelyard_autoscaler_decisions_total{kind="no_data",pool="text"} '
                     holds = float(text.split(key)[1].split()[0]) if key in text else 0.0
                     time.sleep(0.2)
                 assert holds >= 5 and 'modelyard_autoscaler_metrics_missing{pool="text"} 1.0' in text
-                assert 'modelyard_autoscaler_ready_replicas{pool="text"} 1.0' in text
+                assert ready in text
                 replicas = descendants(daemon.pid or 0)
                 daemon.signal(signal.SIGTERM)
                 assert daemon.wait(30) == 0
