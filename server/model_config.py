@@ -199,7 +199,8 @@ CORRID_TYPES = ("UINT64", "INT64", "UINT32", "INT32", "BYTES")
 class SequenceControl:
     """One control signal of a control input: START/READY/END as a false/true pair, or CORRID with a datatype."""
 
-    kind: str = ""
+    #: the proto's default (0) is START: protobuf JSON leaves a START kind out
+    kind: str = "CONTROL_SEQUENCE_START"
     int32_false_true: list[int] = field(default_factory=list)
     fp32_false_true: list[float] = field(default_factory=list)
     bool_false_true: list[bool] = field(default_factory=list)

@@ -184,3 +184,30 @@ def test_control_tensors_carry_triton_values():
     assert out["R"].dtype == np.bool_ and out["R"].tolist() == [[True]]
     assert out["C"].dtype == np.uint32 and out["C"].tolist() == [[7]]  # low 32 bits, as Triton
     assert control_tensors(sb, 3, False, True, batched=False)["E"].shape == (1,)
+
+
+def test_a_sequence_config_survives_the_json_round_trip_of_a_load_override():
+    """Triton's JSON (what get_model_config returns and load(config=...) takes) leaves out a START
+    control's kind (the proto's 0): a config read back from the wire and loaded again keeps it."""
+    import json
+
+    from google.protobuf import json_format
+
+    from modelyard.server.model_config import parse_config, to_proto
+    from modelyard.server.model_control import parse_override
+
+    cfg = parse_config({"backend": "python", "max_batch_size": 2,
+                        "input": [{"name": "INPUT", "data_type": "TYPE_INT32", "dims": [1]}],
+                        "output": [{"name": "OUTPUT", "data_type": "TYPE_INT32", "dims": [1]}],
+                        "sequence_batching": {"oldest": {"max_candidate_sequences": 3}, "control_input": [
+                            {"name": "START", "control": [{"kind": "CONTROL_SEQUENCE_START", "int32_false_true": [0, 1]}]},
+                            {"name": "CORRID", "control": [{"kind": "CONTROL_SEQUENCE_CORRID", "data_type": "TYPE_UINT64"}]},
+                        ]}}, "m")
+    text = json_format.MessageToJson(to_proto(cfg), preserving_proto_field_name=True)
+    assert "CONTROL_SEQUENCE_START" not in text  # protobuf JSON omits the default enum value
+    again = parse_override("m", text)
+    assert again.sequence_batching is not None
+    assert [(n, c.kind) for n, c in again.sequence_batching.controls()] == [
+        ("START", "CONTROL_SEQUENCE_START"), ("CORRID", "CONTROL_SEQUENCE_CORRID")]
+    assert again.sequence_batching.oldest is not None and again.sequence_batching.oldest.max_candidate_sequences == 3
+    assert json.loads(text)["sequence_batching"]["max_sequence_idle_microseconds"] == "1000000"
