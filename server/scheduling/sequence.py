@@ -86,6 +86,8 @@ class Item:
     done: bool = False
     #: the sequence it was queued in
     seq: Live | None = None
+    #: arrival order across sequences (ties of ``enqueued``)
+    order: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -143,9 +145,12 @@ class SequenceTable:
         self.instances = instances
         self.free_slots: set[int] = set(range(n))
         self.live: dict[tuple[type, CorrId], Live] = {}
+        #: the live sequences holding a slot (at most the slot count: what plan() walks)
+        self.holding: dict[tuple[type, CorrId], Live] = {}
         self.backlog: deque[Live] = deque()
         #: requests queued (not yet computed) across all sequences
         self.queued = 0
+        self._arrivals = 0
 
     def __len__(self) -> int:
         return self.queued
@@ -166,7 +171,8 @@ class SequenceTable:
                                    "the START flag on the first request of the sequence")
             seq = self.live[key] = Live(corrid, last=now)
             self._assign(seq)
-        item = Item(start, end, now, deadline, payload, seq=seq)
+        self._arrivals += 1
+        item = Item(start, end, now, deadline, payload, seq=seq, order=self._arrivals)
         seq.queue.append(item)
         seq.last = now
         self.queued += 1
@@ -190,15 +196,18 @@ class SequenceTable:
         else:
             # direct: the slot on the instance with the fewest live sequences, so sequences spread
             used = [0] * self.instances
-            for other in self.live.values():
-                if other.slot >= 0:
-                    used[other.slot // self.slots_per_instance] += 1
+            for other in self.holding.values():
+                used[other.slot // self.slots_per_instance] += 1
             seq.slot = min(self.free_slots, key=lambda s: (used[s // self.slots_per_instance], s))
         self.free_slots.discard(seq.slot)
+        self.holding[_key(seq.id)] = seq
 
     def _release(self, seq: Live) -> None:
-        self.live.pop(_key(seq.id), None)
+        key = _key(seq.id)
+        if self.live.get(key) is seq:
+            del self.live[key]
         if seq.slot >= 0:
+            del self.holding[key]
             self.free_slots.add(seq.slot)
             seq.slot = -1
         while self.backlog and self.free_slots:
@@ -255,20 +264,28 @@ class SequenceTable:
         """Batches to run on ``idle_instances`` (indices), failures, idle sequences released."""
         plan = SequencePlan()
         ready: list[tuple[Item, Live]] = []
-        for seq in list(self.live.values()):
+        # sequences in the backlog wait for a slot: only those holding one can run or go idle; a slot freed
+        # by an idle sequence goes to the backlog at once, and that sequence is looked at in this plan too
+        todo = deque(self.holding.values())
+        seen = {id(seq) for seq in todo}
+        while todo:
+            seq = todo.popleft()
             if seq.busy:
                 continue
             head = self._head(seq, now, plan.failed)
-            if head is None:
-                due = seq.last + self.idle
-                if due <= now:
-                    plan.released.append(seq.id)
-                    self._release(seq)
-                else:
-                    plan.wake_at = due if plan.wake_at is None else min(plan.wake_at, due)
-                continue
-            if seq.slot >= 0:
+            if head is not None:
                 ready.append((head, seq))
+                continue
+            due = seq.last + self.idle
+            if due > now:
+                plan.wake_at = due if plan.wake_at is None else min(plan.wake_at, due)
+                continue
+            plan.released.append(seq.id)
+            self._release(seq)
+            for other in self.holding.values():
+                if id(other) not in seen:
+                    seen.add(id(other))
+                    todo.append(other)
         if not ready or not idle_instances:
             return plan
         if self.oldest:
@@ -307,7 +324,7 @@ class SequenceTable:
             plan.batches.append((inst, self._take(entries)))
 
     def _plan_oldest(self, ready: list[tuple[Item, Live]], now: float, idle: list[int], plan: SequencePlan) -> None:
-        ready.sort(key=lambda e: e[0].enqueued)
+        ready.sort(key=lambda e: (e[0].enqueued, e[0].order))
         for inst in idle:
             if not ready:
                 return
