@@ -286,11 +286,18 @@ def test_stream_reports_out_of_order_requests_in_band(client):
 
 
 def test_idle_sequence_is_ended_and_its_slot_freed(client):
-    client.infer("accumulate_idle", _inputs(1), sequence_id=7000, sequence_start=True)
-    time.sleep(0.8)  # idle timeout is 0.3 s
+    """Four sequences take the model's four slots and go quiet; a fifth waits in the backlog until the
+    idle timeout (0.3 s) ends them and frees their slots, then runs. The quiet ones are gone."""
+    for sid in range(7000, 7004):
+        client.infer("accumulate_idle", _inputs(1), sequence_id=sid, sequence_start=True)
+    t0 = time.monotonic()
+    r = client.infer("accumulate_idle", _inputs(5), sequence_id=7010, sequence_start=True, client_timeout=20)
+    assert int(r.as_numpy("OUTPUT")[0][0]) == 5
+    assert time.monotonic() - t0 >= 0.2  # it waited for the idle timeout, not for a free slot
     with pytest.raises(InferenceServerException, match="must specify the START flag"):
         client.infer("accumulate_idle", _inputs(1), sequence_id=7000)
-    # the model's 4 slots are free again: 4 new sequences all start and run
+    client.infer("accumulate_idle", _inputs(0), sequence_id=7010, sequence_end=True)
+    # the slots are free again: new sequences start and run
     for sid in range(7100, 7104):
         assert _sync_sequence(client, "accumulate_idle", sid, [2, 3]) == [2, 5]
 
