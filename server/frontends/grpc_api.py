@@ -290,10 +290,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
                                        context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:
-        resp = pb.SystemSharedMemoryStatusResponse()
-        for region in self.shm.status(SYSTEM, request.name):
-            resp.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
-        return resp
+        return self._regions(SYSTEM, request.name, pb.SystemSharedMemoryStatusResponse())
 
     async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
                                        context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryRegisterResponse:
@@ -307,9 +304,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
                                      context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryStatusResponse:
-        resp = pb.CudaSharedMemoryStatusResponse()
-        for region in self.shm.status(CUDA, request.name):
-            resp.regions[region["name"]].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(**region))
+        return self._regions(CUDA, request.name, pb.CudaSharedMemoryStatusResponse())
+
+    def _regions(self, kind: str, name: str, resp: Any) -> Any:
+        """``resp`` (a System/CudaSharedMemoryStatusResponse) with the status of ``kind``'s regions."""
+        for region in self.shm.status(kind, name):
+            resp.regions[region["name"]].CopyFrom(type(resp).RegionStatus(**region))
         return resp
 
     # --------------------------------------------------------------- not implemented

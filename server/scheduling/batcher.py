@@ -27,7 +27,7 @@ from modelyard.server.types import InferRequest, InferResponse
 log = logging.getLogger("modelyard.server")
 
 
-class _Job:
+class QueuedJob:
     """A queued request and the future its caller awaits."""
 
     __slots__ = ("future", "queued_ns", "request", "span")
@@ -70,7 +70,7 @@ class DynamicBatcher(Scheduler):
         if request.deadline is not None and request.deadline <= now:
             raise DeadlineExceeded("request deadline passed before it was queued")
         fut: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        job = _Job(request, fut)
+        job = QueuedJob(request, fut)
         item = self.planner.submit(request.batch_size(), now, deadline=request.deadline,
                                    priority=request.priority, payload=job)
         self._wake.set()
@@ -105,12 +105,12 @@ class DynamicBatcher(Scheduler):
                 await asyncio.sleep(0)
 
     def _fail(self, item: Pending, exc: BaseException) -> None:
-        job: _Job = item.payload
+        job: QueuedJob = item.payload
         if not job.future.done():
             job.future.set_exception(exc)
 
     def _start(self, inst: Instance, batch: list[Pending]) -> None:
-        jobs: list[_Job] = [item.payload for item in batch if not item.payload.future.done()]
+        jobs: list[QueuedJob] = [item.payload for item in batch if not item.payload.future.done()]
         if not jobs:
             self.pool.release(inst)
             return
@@ -118,7 +118,7 @@ class DynamicBatcher(Scheduler):
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _run(self, inst: Instance, jobs: list[_Job]) -> None:
+    async def _run(self, inst: Instance, jobs: list[QueuedJob]) -> None:
         started = time.perf_counter_ns()
         queue_ns = [started - j.queued_ns for j in jobs]
         try:

@@ -38,8 +38,9 @@ from modelyard import tracing
 from modelyard.server.errors import DeadlineExceeded, InvalidInput, ModelExecutionError, ModelNotReady
 from modelyard.server.execution.instances import Instance, InstancePool
 from modelyard.server.model_config import ModelConfig, SequenceBatching
+from modelyard.server.scheduling.batcher import QueuedJob
 from modelyard.server.scheduling.scheduler import BatchObserver, Scheduler
-from modelyard.server.tracing import current_span, record_execution
+from modelyard.server.tracing import record_execution
 from modelyard.server.types import InferRequest, InferResponse, Sequence
 
 log = logging.getLogger("modelyard.server")
@@ -377,16 +378,6 @@ def control_tensors(sb: SequenceBatching, corrid: CorrId, start: bool, end: bool
     return out
 
 
-class _Job:
-    __slots__ = ("future", "queued_ns", "request", "span")
-
-    def __init__(self, request: InferRequest, future: asyncio.Future[InferResponse]) -> None:
-        self.request = request
-        self.future = future
-        self.queued_ns = time.perf_counter_ns()
-        self.span = current_span()
-
-
 class SequenceBatcher(Scheduler):
     """Runs a :class:`SequenceTable`'s decisions on an :class:`InstancePool`."""
 
@@ -426,7 +417,7 @@ class SequenceBatcher(Scheduler):
         if request.deadline is not None and request.deadline <= now:
             raise DeadlineExceeded("request deadline passed before it was queued")
         fut: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        job = _Job(request, fut)
+        job = QueuedJob(request, fut)
         item = self.table.submit(corrid, start, end, now, deadline=request.deadline, payload=job)
         self._wake.set()
         try:
@@ -464,7 +455,7 @@ class SequenceBatcher(Scheduler):
 
     @staticmethod
     def _fail(item: Item, exc: Exception) -> None:
-        job: _Job = item.payload
+        job: QueuedJob = item.payload
         if not job.future.done():
             job.future.set_exception(exc)
 
@@ -475,7 +466,7 @@ class SequenceBatcher(Scheduler):
         task.add_done_callback(self._running.discard)
 
     def _prepare(self, item: Item) -> InferRequest:
-        job: _Job = item.payload
+        job: QueuedJob = item.payload
         seq = item.seq
         assert seq is not None
         req = job.request
@@ -489,7 +480,7 @@ class SequenceBatcher(Scheduler):
 
     async def _run(self, index: int, items: list[Item]) -> None:
         inst: Instance = self.pool.instances[index]
-        jobs: list[_Job] = [i.payload for i in items]
+        jobs: list[QueuedJob] = [i.payload for i in items]
         started = time.perf_counter_ns()
         queue_ns = [started - j.queued_ns for j in jobs]
         results: list[Any]
