@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from modelyard import tracing
 from modelyard.server.errors import DeadlineExceeded, ModelExecutionError, ModelNotReady
@@ -119,31 +120,8 @@ class DynamicBatcher(Scheduler):
         task.add_done_callback(self._running.discard)
 
     async def _run(self, inst: Instance, jobs: list[QueuedJob]) -> None:
-        started = time.perf_counter_ns()
-        queue_ns = [started - j.queued_ns for j in jobs]
-        try:
-            results, compute_ns = await inst.execute([j.request for j in jobs])
-        except BaseException as exc:  # the executor itself failed: fail this batch only
-            results, compute_ns = [exc] * len(jobs), time.perf_counter_ns() - started
-        finally:
-            self.pool.release(inst)
-        if len(results) != len(jobs):  # a third-party backend broke the contract: fail the batch, never hang
-            results = [ModelExecutionError(f"backend returned {len(results)} results for {len(jobs)} requests")] * len(jobs)
-        if self.observer is not None:
-            self.observer(sum(j.request.batch_size() for j in jobs), queue_ns, compute_ns, inst.name)
-        if tracing.ACTIVE is not None and any(j.span is not None for j in jobs):
-            finished = time.perf_counter_ns()
-            size = sum(j.request.batch_size() for j in jobs)
-            for j in jobs:
-                record_execution(j.span, j.queued_ns, started, finished, compute_ns, size, inst.name,
-                                 self.config.name)
-        for job, result in zip(jobs, results, strict=True):
-            if job.future.done():
-                continue
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-            else:
-                job.future.set_result(result)
+        await run_batch(inst, jobs, [j.request for j in jobs], sum(j.request.batch_size() for j in jobs),
+                        lambda: self.pool.release(inst), self.observer, self.config.name)
 
     async def close(self) -> None:
         """Fail what is queued, stop dispatching; batches already running finish."""
@@ -156,3 +134,37 @@ class DynamicBatcher(Scheduler):
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
+
+
+async def run_batch(inst: Instance, jobs: list[QueuedJob], requests: list[InferRequest], size: int,
+                    release: Callable[[], None], observer: BatchObserver | None, model: str) -> None:
+    """Execute ``requests`` (one per job) on ``inst`` as one batch of ``size`` rows, call ``release()`` as soon
+    as the instance is free, then observe the batch, record it in the jobs' spans and settle their futures.
+
+    The one execution path of the dynamic and the sequence batcher: an executor that fails, or a backend
+    that returns the wrong number of results, fails this batch only and never leaves a caller hanging.
+    """
+    started = time.perf_counter_ns()
+    queue_ns = [started - j.queued_ns for j in jobs]
+    results: list[Any]
+    try:
+        results, compute_ns = await inst.execute(requests)
+    except BaseException as exc:  # the executor itself failed: fail this batch only
+        results, compute_ns = [exc] * len(jobs), time.perf_counter_ns() - started
+    finally:
+        release()
+    if len(results) != len(jobs):  # a third-party backend broke the contract: fail the batch, never hang
+        results = [ModelExecutionError(f"backend returned {len(results)} results for {len(jobs)} requests")] * len(jobs)
+    if observer is not None:
+        observer(size, queue_ns, compute_ns, inst.name)
+    if tracing.ACTIVE is not None and any(j.span is not None for j in jobs):
+        finished = time.perf_counter_ns()
+        for j in jobs:
+            record_execution(j.span, j.queued_ns, started, finished, compute_ns, size, inst.name, model)
+    for job, result in zip(jobs, results, strict=True):
+        if job.future.done():
+            continue
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)

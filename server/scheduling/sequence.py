@@ -34,13 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from modelyard import tracing
-from modelyard.server.errors import DeadlineExceeded, InvalidInput, ModelExecutionError, ModelNotReady
-from modelyard.server.execution.instances import Instance, InstancePool
+from modelyard.server.errors import DeadlineExceeded, InvalidInput, ModelNotReady, as_modelyard_error
+from modelyard.server.execution.instances import InstancePool
 from modelyard.server.model_config import ModelConfig, SequenceBatching
-from modelyard.server.scheduling.batcher import QueuedJob
+from modelyard.server.scheduling.batcher import QueuedJob, run_batch
 from modelyard.server.scheduling.scheduler import BatchObserver, Scheduler
-from modelyard.server.tracing import record_execution
 from modelyard.server.types import InferRequest, InferResponse, Sequence
 
 log = logging.getLogger("modelyard.server")
@@ -370,8 +368,8 @@ def control_tensors(sb: SequenceBatching, corrid: CorrId, start: bool, end: bool
                 out[name] = np.full(shape, str(corrid).encode(), dtype=object)
                 continue
             assert isinstance(corrid, int)  # check_corrid_type refused strings at submit
-            value = corrid & 0xFFFFFFFF if control.data_type in ("UINT32", "INT32") else corrid
-            out[name] = np.full(shape, value, dtype=_NP[control.data_type])
+            # the uint64 ID's bits in the control's type: a 32-bit type keeps the low 32, a signed one wraps
+            out[name] = np.full(shape, corrid, dtype=np.uint64).astype(_NP[control.data_type], casting="unsafe")
             continue
         flag = start if kind == "CONTROL_SEQUENCE_START" else end if kind == "CONTROL_SEQUENCE_END" else True
         out[name] = np.full(shape, control.value(flag), dtype=_NP[control.tensor_datatype()])
@@ -479,37 +477,22 @@ class SequenceBatcher(Scheduler):
         return req
 
     async def _run(self, index: int, items: list[Item]) -> None:
-        inst: Instance = self.pool.instances[index]
-        jobs: list[QueuedJob] = [i.payload for i in items]
-        started = time.perf_counter_ns()
-        queue_ns = [started - j.queued_ns for j in jobs]
-        results: list[Any]
-        try:
-            results, compute_ns = await inst.execute([self._prepare(item) for item in items])
-            if len(results) != len(items):
-                results = [ModelExecutionError(f"backend returned {len(results)} results for "
-                                               f"{len(items)} requests")] * len(items)
-        except BaseException as exc:  # the executor itself failed: fail this batch only
-            results, compute_ns = [exc] * len(items), time.perf_counter_ns() - started
-        finally:
+        def release() -> None:
             self._idle[index] = True
             for failed_item, error in self.table.finished(items, self.clock()):
                 self._fail(failed_item, error)
             self._wake.set()
-        size = len(jobs)
-        if self.observer is not None:
-            self.observer(size, queue_ns, compute_ns, inst.name)
-        if tracing.ACTIVE is not None and any(j.span is not None for j in jobs):
-            finished = time.perf_counter_ns()
-            for j in jobs:
-                record_execution(j.span, j.queued_ns, started, finished, compute_ns, size, inst.name, self.config.name)
-        for job, result in zip(jobs, results, strict=True):
-            if job.future.done():
-                continue
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-            else:
-                job.future.set_result(result)
+
+        try:
+            requests = [self._prepare(i) for i in items]
+        except Exception as exc:  # never leave the instance taken or a caller waiting
+            release()
+            for item in items:
+                self._fail(item, as_modelyard_error(exc))
+            return
+        # one request of each sequence: the batch's rows are its requests
+        await run_batch(self.pool.instances[index], [i.payload for i in items], requests,
+                        len(items), release, self.observer, self.config.name)
 
     async def close(self) -> None:
         """Fail what is queued, stop dispatching; batches already running finish."""

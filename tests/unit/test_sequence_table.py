@@ -211,3 +211,14 @@ def test_a_sequence_config_survives_the_json_round_trip_of_a_load_override():
         ("START", "CONTROL_SEQUENCE_START"), ("CORRID", "CONTROL_SEQUENCE_CORRID")]
     assert again.sequence_batching.oldest is not None and again.sequence_batching.oldest.max_candidate_sequences == 3
     assert json.loads(text)["sequence_batching"]["max_sequence_idle_microseconds"] == "1000000"
+
+
+def test_a_uint64_correlation_id_keeps_its_bits_in_signed_and_32_bit_controls():
+    def corrid(datatype: str) -> np.ndarray:
+        sb = SequenceBatching(control_input=[
+            SequenceControlInput("C", [SequenceControl("CONTROL_SEQUENCE_CORRID", data_type=datatype)])])
+        return control_tensors(sb, 2**63 + 2**32 + 7, True, False, batched=False)["C"]
+
+    assert corrid("UINT64").tolist() == [2**63 + 2**32 + 7]
+    assert corrid("INT64").tolist() == [2**63 + 2**32 + 7 - 2**64]  # two's complement, as a C cast
+    assert corrid("UINT32").tolist() == [7] and corrid("INT32").tolist() == [7]
