@@ -21,7 +21,7 @@ from modelyard.server.errors import DeadlineExceeded, ModelExecutionError, Model
 from modelyard.server.execution.instances import Instance, InstancePool
 from modelyard.server.model_config import DynamicBatching, ModelConfig
 from modelyard.server.scheduling.planner import BatchPlanner, Pending, PlannerConfig
-from modelyard.server.scheduling.scheduler import BatchObserver, Scheduler
+from modelyard.server.scheduling.scheduler import BatchObserver, Scheduler, wait_for_wake
 from modelyard.server.tracing import current_span, record_execution
 from modelyard.server.types import InferRequest, InferResponse
 
@@ -95,15 +95,7 @@ class DynamicBatcher(Scheduler):
                 continue
             if inst is not None:
                 self.pool.return_unused(inst)
-            if plan.wake_at is None:
-                await self._wake.wait()
-                continue
-            timeout = plan.wake_at - self.clock()
-            if timeout > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-            else:  # due now: still let the loop run other work before planning again
-                await asyncio.sleep(0)
+            await wait_for_wake(self._wake, plan.wake_at, self.clock)
 
     def _fail(self, item: Pending, exc: BaseException) -> None:
         job: QueuedJob = item.payload

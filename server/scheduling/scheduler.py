@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,6 +21,20 @@ from modelyard.server.types import InferRequest, InferResponse
 
 #: called once per executed batch: (batch size, queue ns of each request, compute ns, instance name)
 BatchObserver = Callable[[int, list[int], int, str], None]
+
+
+async def wait_for_wake(wake: asyncio.Event, wake_at: float | None, clock: Callable[[], float]) -> None:
+    """A dispatcher's pause: until ``wake`` is set or the ``clock`` reaches ``wake_at`` (None: only ``wake``).
+    Already due: still let the loop run other work once before planning again."""
+    if wake_at is None:
+        await wake.wait()
+        return
+    timeout = wake_at - clock()
+    if timeout > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout)
+    else:
+        await asyncio.sleep(0)
 
 
 class Scheduler:

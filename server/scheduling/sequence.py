@@ -38,7 +38,7 @@ from modelyard.server.errors import DeadlineExceeded, InvalidInput, ModelNotRead
 from modelyard.server.execution.instances import InstancePool
 from modelyard.server.model_config import ModelConfig, SequenceBatching
 from modelyard.server.scheduling.batcher import QueuedJob, run_batch
-from modelyard.server.scheduling.scheduler import BatchObserver, Scheduler
+from modelyard.server.scheduling.scheduler import BatchObserver, Scheduler, wait_for_wake
 from modelyard.server.types import InferRequest, InferResponse, Sequence
 
 log = logging.getLogger("modelyard.server")
@@ -441,15 +441,7 @@ class SequenceBatcher(Scheduler):
                             self.config.name, corrid, table.idle)
             for inst, items in plan.batches:
                 self._start(inst, items)
-            if plan.wake_at is None:
-                await self._wake.wait()
-                continue
-            timeout = plan.wake_at - self.clock()
-            if timeout > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-            else:
-                await asyncio.sleep(0)
+            await wait_for_wake(self._wake, plan.wake_at, self.clock)
 
     @staticmethod
     def _fail(item: Item, exc: Exception) -> None:

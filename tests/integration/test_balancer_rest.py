@@ -72,15 +72,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def replicas(repository: Path) -> Iterator[list[ServerProcess]]:
-    procs = [ServerProcess(["--model-repository", str(repository), "--log-level", "warning"], name=f"serve{i}")
-             for i in range(2)]
-    try:
-        for p in procs:
-            p.start()
-        yield procs
-    finally:
-        for p in procs:
-            p.stop(5)
+    with contextlib.ExitStack() as stack:  # each started, and always stopped
+        yield [stack.enter_context(ServerProcess(["--model-repository", str(repository), "--log-level", "warning"],
+                                                 name=f"serve{i}")) for i in range(2)]
 
 
 def member(p: ServerProcess) -> dict[str, str]:

@@ -63,15 +63,9 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerPr
     (repo / "accumulate" / "1").mkdir(parents=True)
     (repo / "accumulate" / "config.yaml").write_text(CONFIG)
     (repo / "accumulate" / "1" / "model.py").write_text(ACCUMULATOR)
-    procs = [ServerProcess(["--model-repository", str(repo), "--log-level", "warning"], name=f"serve{i}")
-             for i in range(3)]
-    try:
-        for p in procs:
-            p.start()
-        yield procs
-    finally:
-        for p in procs:
-            p.stop(5)
+    with contextlib.ExitStack() as stack:  # each started, and always stopped
+        yield [stack.enter_context(ServerProcess(["--model-repository", str(repo), "--log-level", "warning"],
+                                                 name=f"serve{i}")) for i in range(3)]
 
 
 @contextlib.asynccontextmanager
