@@ -206,9 +206,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         caller = CALLER.get()
         #: (model, sequence id) -> set once the latest request of that sequence has been queued
         queued: dict[tuple[str, Any], asyncio.Event] = {}
+        #: a sequence request's place: its key, the event of the request before it (None: first), its own event
+        Turn = tuple[tuple[str, Any], asyncio.Event | None, asyncio.Event]
 
-        async def handle(msg: pb.ModelInferRequest, key: tuple[str, Any] | None = None,
-                         after: asyncio.Event | None = None, mine: asyncio.Event | None = None) -> None:
+        def let_next_go(turn: Turn) -> None:
+            key, _, mine = turn
+            if not mine.is_set():
+                mine.set()
+                if queued.get(key) is mine:
+                    del queued[key]
+
+        async def handle(msg: pb.ModelInferRequest, turn: Turn | None = None) -> None:
             try:
                 if caller is not None:  # every message is a request: its model checked, its client's bucket taken
                     caller.check_model(msg.model_name)
@@ -216,14 +224,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 mv = self.repo.get(msg.model_name, msg.model_version)
                 req = await self._decode(msg, context)
                 refs = output_refs(self.shm, req) if req.output_parameters else {}
-                if after is not None:
-                    await after.wait()
-                if mine is not None:
+                if turn is not None:
+                    if turn[1] is not None:
+                        await turn[1].wait()
                     # no await between this and the request being queued by mv.stream: the next
                     # request of the sequence runs only after this task yields
-                    mine.set()
-                    if queued.get(key) is mine:  # type: ignore[arg-type]
-                        del queued[key]  # type: ignore[arg-type]
+                    let_next_go(turn)
                 async for resp in mv.stream(req):
                     resp = apply_classification(req, resp, mv.config, mv.labels)
                     written = await write_outputs(self.shm, resp, mv.config, refs) if refs else None
@@ -240,10 +246,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id),
                 ))
             finally:
-                if mine is not None and not mine.is_set():
-                    mine.set()
-                    if queued.get(key) is mine:  # type: ignore[arg-type]
-                        del queued[key]  # type: ignore[arg-type]
+                if turn is not None:  # failed before it was queued: the next one may go all the same
+                    let_next_go(turn)
 
         async def read() -> None:
             try:
@@ -253,7 +257,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     if seq is not None:
                         key = (msg.model_name, parameter_value(seq))
                         mine = asyncio.Event()
-                        task = asyncio.create_task(handle(msg, key, queued.get(key), mine))
+                        task = asyncio.create_task(handle(msg, (key, queued.get(key), mine)))
                         queued[key] = mine
                     else:
                         task = asyncio.create_task(handle(msg))
